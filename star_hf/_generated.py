@@ -1,0 +1,66 @@
+"""Home of the STAR classes generated at run time.
+
+A STAR router is an instance of ``StarRouter__<module>__<class>``, a subclass of the architecture's
+own router (or gate ``nn.Linear``) class, so Transformers' ``isinstance``-based output recording keeps
+working. The classes are created on first use and registered here under a name that encodes the base
+class, so that pickle (``torch.save(model)``) finds them by name in a fresh process.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# class-name prefix -> name of the mixin in star_hf.router placed in front of the base class
+_MIXINS = {"StarRouter__": "StarRouterMixin", "StarGateHost__": "StarGateHostMixin"}
+_cache: dict[tuple[str, type], type] = {}
+
+
+def _escape(text: str) -> str:
+    return text.replace("_", "_u").replace(".", "_d")
+
+
+def _unescape(text: str) -> str:
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "_":
+            out.append({"u": "_", "d": "."}[text[i + 1]])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def _generate(prefix: str, base: type) -> type:
+    cls = _cache.get((prefix, base))
+    if cls is None:
+        from . import router
+
+        name = f"{prefix}{_escape(base.__module__)}__{_escape(base.__qualname__)}"
+        mixin = getattr(router, _MIXINS[prefix])
+        cls = type(name, (mixin, base), {"__module__": __name__, "__qualname__": name, "_star_base_class": base})
+        _cache[(prefix, base)] = cls
+        globals()[name] = cls
+    return cls
+
+
+def star_class_for(base: type) -> type:
+    """The STAR router subclass of ``base``."""
+    return _generate("StarRouter__", base)
+
+
+def gate_host_class_for(base: type) -> type:
+    """The subclass of router class ``base`` that captures its gate child's input."""
+    return _generate("StarGateHost__", base)
+
+
+def __getattr__(name: str) -> Any:
+    prefix = next((p for p in _MIXINS if name.startswith(p)), None)
+    if prefix is None:
+        raise AttributeError(name)
+    module_part, _, qual_part = name[len(prefix) :].partition("__")
+    obj: Any = importlib.import_module(_unescape(module_part))
+    for attr in _unescape(qual_part).split("."):
+        obj = getattr(obj, attr)
+    return _generate(prefix, obj)

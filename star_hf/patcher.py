@@ -1,0 +1,216 @@
+"""``patch_model``, ``find_star_routers`` and ``fold``: turning routers into STAR routers and back.
+
+Patching changes the *class* of each gate-owning module to a generated subclass (it stays an
+instance of the architecture's router class, so Transformers keeps recording ``router_logits`` and
+computing aux losses, also when its output hooks were installed by an earlier forward) and
+replaces the gate's ``weight`` parameter by the STAR parameters. Nothing else in the model changes.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+
+from ._generated import gate_host_class_for, star_class_for
+from .architectures import supported_architectures
+from .config import StarConfig
+from .discovery import RouterSite, _active_named_modules, scan_routers
+from .init import initial_tensors
+from .masking import attach_mask_slots, detach_mask_slots
+from .router import STAR_BUFFER_NAMES, STAR_PARAMETER_NAMES, StarGateHostMixin, StarRouterMixin
+
+__all__ = [
+    "AlreadyPatchedError",
+    "NoRouterError",
+    "UnsupportedRouterError",
+    "find_star_routers",
+    "fold",
+    "patch_model",
+]
+
+_INSTANCE_STATE = (
+    "star_config",
+    "_star_path",
+    "_star_bias_slot",
+    "_star_mask_slot",
+    "_star_stats",
+    "_star_cache",
+    "_star_adaptation",
+    "_star_skipped_host",
+    "_star_skipped_pending",
+)
+
+
+class NoRouterError(ValueError):
+    """The model has no MoE router star_hf could patch."""
+
+
+class UnsupportedRouterError(ValueError):
+    """A router is not a linear gate, or its architecture is not verified."""
+
+
+class AlreadyPatchedError(ValueError):
+    """``patch_model`` was called on a model that already has STAR routers."""
+
+
+def find_star_routers(model: nn.Module) -> "OrderedDict[str, StarRouterMixin]":
+    """Module path → STAR router, in model order (only the copies a PEFT wrapper actually runs)."""
+    return OrderedDict((p, m) for p, m in _active_named_modules(model) if isinstance(m, StarRouterMixin))
+
+
+def _all_star_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (StarRouterMixin, StarGateHostMixin))]
+
+
+def _hf_models(model: nn.Module) -> list[nn.Module]:
+    from transformers import PreTrainedModel
+
+    return [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+
+
+def _check_sites(model: nn.Module, config: StarConfig, allow_unverified: bool) -> list[RouterSite]:
+    """Every check runs before the model is touched."""
+    if _all_star_modules(model):
+        raise AlreadyPatchedError(
+            f"{type(model).__name__} already has STAR routers (patch_model was called before). "
+            "Use the model as it is, or star_hf.fold(model) first to start again from a stock router."
+        )
+    sites, unsupported = scan_routers(model)
+    if not sites and not unsupported:
+        raise NoRouterError(
+            f"no MoE router found in {type(model).__name__}; star_hf upgrades the routers of mixture-of-experts "
+            f"models. Supported architectures: {', '.join(supported_architectures())}."
+        )
+    all_paths = [s.path for s in sites] + [u.path for u in unsupported]
+    sites = [s for s in sites if config.selects(s.path) or config.selects(s.router_path)]
+    unsupported = [u for u in unsupported if config.selects(u.path)]
+    if unsupported:
+        details = "; ".join(f"{u.path} ({u.class_name}): {u.reason}" for u in unsupported)
+        raise UnsupportedRouterError(
+            f"{type(model).__name__} has routers that are not linear gates, which STAR cannot upgrade: {details}. "
+            "Leave them out with StarConfig(layers_to_transform=...) or StarConfig(target_modules=...)."
+        )
+    if not sites:
+        raise NoRouterError(
+            f"no router of {type(model).__name__} matches layers_to_transform={config.layers_to_transform} / "
+            f"target_modules={config.target_modules!r}; routers found: {all_paths}."
+        )
+    unverified = sorted({s.router_class_name for s in sites if not s.verified})
+    if unverified and not allow_unverified:
+        raise UnsupportedRouterError(
+            f"router class(es) {unverified} are not among the architectures star_hf is verified on "
+            f"({', '.join(supported_architectures())}). Their gates look linear, so the generic patcher may work: "
+            "pass patch_model(..., allow_unverified=True) and check that the patched model's outputs match."
+        )
+    for s in sites:
+        r = config.num_components or s.num_experts
+        if r > s.hidden_size:
+            raise ValueError(
+                f"StarConfig.num_components={r} exceeds the hidden size {s.hidden_size} of router {s.path}: "
+                "the basis cannot have more orthonormal directions than its input has dimensions."
+            )
+        if config.gha_only and config.init == "preserve" and r < s.num_experts:
+            raise ValueError(
+                f"gha_only with init='preserve' needs num_components >= the number of experts ({s.num_experts}) "
+                f"at {s.path}, so that M B can reproduce the original gate; got {r}."
+            )
+    return sites
+
+
+def _convert(site: RouterSite, config: StarConfig, index: int) -> None:
+    gate = site.gate
+    w0 = gate._parameters.pop("weight")
+    bias_slot = "bias" in gate._parameters
+    b0 = gate._parameters.pop("bias") if bias_slot else None
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + index)
+    t = initial_tensors(
+        w0.detach(),
+        b0.detach() if site.has_bias else None,
+        config.num_components or site.num_experts,
+        config.init,
+        config.gha_only,
+        generator,
+    )
+    gate.__class__ = star_class_for(type(gate))
+    train_linear = not config.gha_only
+    gate.register_parameter("star_linear_weight", nn.Parameter(t.linear_weight, requires_grad=train_linear))
+    bias = None if t.linear_bias is None else nn.Parameter(t.linear_bias, requires_grad=train_linear)
+    gate.register_parameter("star_linear_bias", bias)
+    gate.register_parameter("star_mixing", nn.Parameter(t.mixing))
+    gate.register_parameter("star_alpha", nn.Parameter(t.alpha, requires_grad=train_linear))
+    gate.register_buffer("star_basis", t.basis, persistent=True)
+    gate.star_config = config
+    gate._star_path = site.path
+    gate._star_bias_slot = bias_slot
+    if site.observe_at_router:
+        site.router.__class__ = gate_host_class_for(type(site.router))
+        site.router._star_gate_name = site.path.rsplit(".", 1)[1]
+
+
+def patch_model(model: nn.Module, config: StarConfig | None = None, *, allow_unverified: bool = False) -> nn.Module:
+    """Replace every MoE router of ``model`` by a STAR router initialised from its weights.
+
+    Args:
+        model: a Transformers MoE model (causal LM, seq2seq, base model) or a PEFT wrapper of one.
+        config: the STAR hyperparameters (default ``StarConfig()``: preserve init, per-step GHA).
+        allow_unverified: also patch router classes outside :func:`star_hf.supported_architectures`
+            whose gate is linear.
+
+    Returns:
+        The same model object, patched in place. With ``init="preserve"`` its outputs equal the
+        original's (float32 round-off).
+    """
+    config = StarConfig() if config is None else config
+    config.validate()
+    sites = _check_sites(model, config, allow_unverified)
+    for index, site in enumerate(sites):
+        _convert(site, config, index)
+    config.patched_modules = [s.path for s in sites]
+    attach_mask_slots(model, find_star_routers(model))
+    for hf_model in _hf_models(model)[:1]:
+        hf_model.config.star_config = config.to_dict()
+    return model
+
+
+def _fold_router(router: StarRouterMixin) -> None:
+    with torch.no_grad():
+        w_eff, b_eff = router._star_compute_effective()
+    dtype = router.star_linear_weight.dtype
+    requires_grad = router.star_mixing.requires_grad
+    had_bias_slot = router._star_bias_slot
+    for name in STAR_PARAMETER_NAMES:
+        router._parameters.pop(name, None)
+    for name in STAR_BUFFER_NAMES:
+        router._buffers.pop(name, None)
+    for name in _INSTANCE_STATE:
+        router.__dict__.pop(name, None)
+    router.__class__ = type(router)._star_base_class
+    router.weight = nn.Parameter(w_eff.to(dtype), requires_grad=requires_grad)
+    if b_eff is not None:
+        router.bias = nn.Parameter(b_eff.to(dtype), requires_grad=requires_grad)
+    elif had_bias_slot:
+        router.register_parameter("bias", None)
+
+
+def fold(model: nn.Module) -> nn.Module:
+    """Turn every STAR router back into the architecture's own router with W_eff and b_eff.
+
+    The folded model has the stock architecture and state-dict keys, and in eval mode its outputs
+    equal the STAR model's. Returns the same model object.
+    """
+    modules = _all_star_modules(model)
+    if not modules:
+        raise NoRouterError(f"{type(model).__name__} has no STAR routers to fold (was it patched?).")
+    for module in modules:
+        if isinstance(module, StarRouterMixin):
+            _fold_router(module)
+        else:
+            module.__dict__.pop("_star_gate_name", None)
+            module.__class__ = type(module)._star_base_class
+    detach_mask_slots(model)
+    for hf_model in _hf_models(model):
+        if hasattr(hf_model.config, "star_config"):
+            del hf_model.config.star_config
+    return model

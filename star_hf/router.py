@@ -1,0 +1,286 @@
+"""The STAR router: a linear gate whose weight gains a structure-aware path.
+
+    z(x) = s ⊙ (W x + b) + (1 − s) ⊙ (M B x),   s = sigmoid(α)
+
+For a fixed basis B this is the linear gate ``W_eff x + b_eff`` with
+``W_eff = s ⊙ W + (1 − s) ⊙ M B`` and ``b_eff = s ⊙ b``. A STAR router therefore keeps the
+architecture's own forward untouched and only changes how its gate weight is produced: the
+``weight`` (and ``bias``) attribute becomes a property returning W_eff (b_eff). Everything after the
+logits — score function, top-k, capacity, score-correction bias, aux losses — is the
+architecture's own code.
+
+Gradients reach W, b, M and α through W_eff; B is a float32 buffer learned by GHA only.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .config import StarConfig
+from .gha import GHAStatistics, guarded_update_
+
+__all__ = ["StarRouterMixin", "is_star_router"]
+
+STAR_PARAMETER_NAMES = ("star_linear_weight", "star_linear_bias", "star_mixing", "star_alpha")
+STAR_BUFFER_NAMES = ("star_basis",)
+
+_nonfinite_warned = False
+
+
+def warn_nonfinite_once(where: str) -> None:
+    """One warning per process: a GHA update was skipped because its statistics were not finite."""
+    global _nonfinite_warned
+    if not _nonfinite_warned:
+        _nonfinite_warned = True
+        warnings.warn(
+            f"star_hf: non-finite router inputs reached the GHA statistics of {where}; that update was "
+            "skipped and the basis kept its previous (finite) value. Further skips are counted in "
+            "`router.star_skipped_updates` and in the routing metrics, without more warnings.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def is_star_router(module: nn.Module) -> bool:
+    return isinstance(module, StarRouterMixin)
+
+
+def _no_autocast(device: torch.device):
+    # Basis algebra and statistics stay float32 even inside an autocast region.
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def _first_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    if args:
+        return args[0]
+    for key in ("hidden_states", "input", "x"):
+        if key in kwargs:
+            return kwargs[key]
+    return None
+
+
+def _with_first_input(args: tuple, kwargs: dict, value: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (value,) + tuple(args[1:]), kwargs
+    for key in ("hidden_states", "input", "x"):
+        if key in kwargs:
+            return args, {**kwargs, key: value}
+    return args, kwargs
+
+
+class StarRouterMixin:
+    """Mixed in front of an architecture's router (or gate ``nn.Linear``) class by the patcher.
+
+    Introspection: ``star_linear_weight`` (W, E×D), ``star_linear_bias`` (b or None),
+    ``star_mixing`` (M, E×R), ``star_alpha`` (α, E), ``star_basis`` (B, R×D, float32 buffer),
+    ``star_config`` (:class:`StarConfig`).
+    """
+
+    _star_base_class: type
+
+    # ------------------------------------------------------------------ effective gate
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
+        return self.star_effective_weight()
+
+    @property
+    def bias(self) -> torch.Tensor | None:  # type: ignore[override]
+        return self.star_effective_bias()
+
+    @property
+    def star_interpolation(self) -> torch.Tensor:
+        """s = sigmoid(α), the per-expert weight of the original linear path (0 in GHA-only mode)."""
+        if self.star_config.gha_only:
+            return torch.zeros_like(self.star_alpha, dtype=torch.float32)
+        return torch.sigmoid(self.star_alpha.detach().float())
+
+    def _star_weight_dtype(self) -> torch.dtype:
+        return torch.float32 if self.star_config.logits_fp32 else self.star_linear_weight.dtype
+
+    def _star_tensors(self) -> tuple[torch.Tensor | None, ...]:
+        return (self.star_linear_weight, self.star_linear_bias, self.star_mixing, self.star_alpha, self.star_basis)
+
+    def _star_cacheable(self) -> bool:
+        if torch.compiler.is_compiling():
+            return False
+        if not torch.is_grad_enabled():
+            return True
+        return not any(p is not None and p.requires_grad for p in self._star_tensors()[:4])
+
+    def _star_cache_key(self) -> tuple:
+        return tuple(
+            None if t is None else (t._version, t.data_ptr(), t.device, t.dtype) for t in self._star_tensors()
+        ) + (self.star_config.logits_fp32, self.star_config.gha_only)
+
+    def _star_compute_effective(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        w, b = self.star_linear_weight, self.star_linear_bias
+        basis = self.star_basis
+        if torch.is_grad_enabled():
+            # Autograd keeps B for the gradient of M; GHA updates B in place, possibly before this
+            # graph's backward (update="forward", several forwards per step), so it gets a snapshot.
+            basis = basis.clone()
+        with _no_autocast(w.device):
+            structure = self.star_mixing.float() @ basis
+            if self.star_config.gha_only:
+                w_eff, b_eff = structure, b
+            else:
+                s = torch.sigmoid(self.star_alpha.float())
+                w_eff = s[:, None] * w.float() + (1.0 - s)[:, None] * structure
+                b_eff = None if b is None else s * b.float()
+            dtype = self._star_weight_dtype()
+            w_eff = w_eff.to(dtype)
+            b_eff = None if b_eff is None else b_eff.to(dtype)
+        return w_eff, b_eff
+
+    def _star_effective(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self._star_cacheable():
+            return self._star_compute_effective()
+        key = self._star_cache_key()
+        cached = self.__dict__.get("_star_cache")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, self._star_compute_effective())
+            self.__dict__["_star_cache"] = cached
+        return cached[1]
+
+    def star_effective_weight(self) -> torch.Tensor:
+        """W_eff = s ⊙ W + (1 − s) ⊙ M B, the weight of the equivalent plain linear gate."""
+        return self._star_effective()[0]
+
+    def star_effective_bias(self) -> torch.Tensor | None:
+        """b_eff = s ⊙ b (``None`` where the architecture's gate has no bias)."""
+        return self._star_effective()[1]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        x = _first_input(args, kwargs)
+        if x is not None:
+            if self.training or self.__dict__.get("_star_adaptation") is not None:
+                self._star_observe(x)
+            if self.star_config.logits_fp32 and x.dtype != torch.float32:
+                args, kwargs = _with_first_input(args, kwargs, x.float())
+        return super().forward(*args, **kwargs)
+
+    @torch.compiler.disable
+    def _star_observe(self, x: torch.Tensor) -> None:
+        # A forward re-run inside backward is gradient-checkpointing recomputation: counting it
+        # again would double the tokens of this layer, and "forward" mode would update twice.
+        if torch._C._current_graph_task_id() != -1:
+            return
+        basis = self.star_basis
+        with torch.no_grad(), _no_autocast(basis.device):
+            stats = GHAStatistics.from_inputs(x, basis, self._star_token_weight(x))
+            if not self.training:
+                self._star_guarded_update(stats, self._star_adaptation.lr)
+            elif self.star_config.update == "forward":
+                from .step import all_reduce_statistics
+
+                all_reduce_statistics([stats])
+                self._star_guarded_update(stats, self.star_config.gha_lr)
+            elif self.__dict__.get("_star_stats") is None:
+                self._star_stats = stats
+            else:
+                self._star_stats.add_(stats)
+
+    def _star_token_weight(self, x: torch.Tensor) -> torch.Tensor | None:
+        slot = self.__dict__.get("_star_mask_slot")
+        if slot is None or not self.star_config.mask_padding:
+            return None
+        return slot.token_weight(x.numel() // x.shape[-1])
+
+    def _star_guarded_update(self, stats: GHAStatistics, lr: float) -> None:
+        ok = guarded_update_(self.star_basis, stats, lr)
+        skipped = self.__dict__.get("_star_skipped_pending")
+        self._star_skipped_pending = (~ok).to(torch.int64) if skipped is None else skipped + (~ok).to(torch.int64)
+
+    # ------------------------------------------------------------------ statistics and updates
+    @property
+    def star_pending_statistics(self) -> GHAStatistics | None:
+        """Statistics accumulated since the last update (``None`` if no training forward ran)."""
+        return self.__dict__.get("_star_stats")
+
+    def star_reset_statistics(self) -> None:
+        self._star_stats = None
+
+    def star_update_basis(self, stats: GHAStatistics, lr: float | None = None) -> None:
+        """One in-place Sanger update of the basis from ``stats`` (skipped on device if non-finite)."""
+        with torch.no_grad():
+            guarded_update_(self.star_basis, stats, self.star_config.gha_lr if lr is None else lr)
+
+    def star_record_skipped_update(self) -> None:
+        self._star_skipped_host = self.__dict__.get("_star_skipped_host", 0) + 1
+        warn_nonfinite_once(self._star_name())
+
+    @property
+    def star_skipped_updates(self) -> int:
+        """How many GHA updates were skipped because of non-finite inputs (host-synchronising)."""
+        pending = self.__dict__.get("_star_skipped_pending")
+        total = self.__dict__.get("_star_skipped_host", 0) + (0 if pending is None else int(pending))
+        if total and pending is not None and int(pending):
+            warn_nonfinite_once(self._star_name())
+        return total
+
+    def _star_name(self) -> str:
+        return self.__dict__.get("_star_path", type(self).__name__)
+
+    # ------------------------------------------------------------------ torch.nn.Module plumbing
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        basis = self._buffers.pop("star_basis")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._buffers["star_basis"] = basis
+        # The basis follows the module's device but always stays float32.
+        moved = fn(basis)
+        if moved.dtype != torch.float32:
+            moved = basis.to(moved.device) if not basis.is_meta else moved.float()
+        self._buffers["star_basis"] = moved
+        stats = self.__dict__.get("_star_stats")
+        if stats is not None and stats.yx.device != moved.device:
+            self._star_stats = stats.to(moved.device)
+        self.__dict__.pop("_star_cache", None)
+        self.__dict__.pop("_star_skipped_pending", None)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        # Also write the folded gate under the original names, so that a checkpoint of a patched
+        # model loads in plain Transformers as the equivalent stock router (eval-mode outputs equal).
+        with torch.no_grad():
+            w_eff, b_eff = self._star_compute_effective()
+        dtype = self.star_linear_weight.dtype
+        destination[prefix + "weight"] = w_eff.to(dtype)
+        if b_eff is not None:
+            destination[prefix + "bias"] = b_eff.to(dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # type: ignore[override]
+        # The folded gate written by _save_to_state_dict is derived data, never loaded back.
+        for name in ("weight", "bias"):
+            state_dict.pop(prefix + name, None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        e, d = self.star_linear_weight.shape
+        r = self.star_mixing.shape[1]
+        cfg = self.star_config
+        mode = "gha_only" if cfg.gha_only else "interpolated"
+        return f"experts={e}, hidden={d}, components={r}, {mode}, gha_lr={cfg.gha_lr}, update={cfg.update}"
+
+
+class StarGateHostMixin:
+    """Mixed in front of a router that reads its gate child's weight directly
+    (``F.linear(x, self.classifier.weight)``) instead of calling it: the gate's input is then
+    captured here, at the router's own forward."""
+
+    _star_base_class: type
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        gate = getattr(self, self._star_gate_name)
+        x = _first_input(args, kwargs)
+        if x is not None and (gate.training or gate.__dict__.get("_star_adaptation") is not None):
+            gate._star_observe(x)
+        return super().forward(*args, **kwargs)

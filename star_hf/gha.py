@@ -52,7 +52,7 @@ class GHAStatistics:
         x = x.detach().reshape(-1, basis.shape[-1]).to(torch.float32)
         y = x @ basis.detach().t()
         if token_weight is None:
-            count = torch.tensor(float(x.shape[0]), dtype=torch.float32, device=x.device)
+            count = x.new_full((), float(x.shape[0]))  # a fill on the device, not a host-to-device copy
         else:
             w = token_weight.detach().reshape(-1).to(device=x.device, dtype=torch.float32)
             y = y * w[:, None]

@@ -1,91 +1,98 @@
 """Padding-aware statistics: hand the attention mask of the current forward to the routers.
 
 Routers only see flattened hidden states; the 2-D ``attention_mask`` (batch × sequence) is an
-argument of the (sub)model that owns them. A :class:`TokenMaskSlot` is hooked onto that submodel:
-its pre-hook stores the mask, its post-hook clears it, and routers read one weight per token.
+argument of the (sub)model that owns them. The patcher hooks that submodel: its pre-hook pushes the
+mask on a thread-local stack, its post-hook pops it, and a router reads the top of the stack. Nothing
+is stored on the routers, so copies of a router (``deepcopy``, PEFT's ``modules_to_save``) and copies
+of the model keep working, and concurrent threads never see each other's masks.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
+import threading
 
 import torch
 import torch.nn as nn
 
-__all__ = ["TokenMaskSlot", "attach_mask_slots", "detach_mask_slots"]
+__all__ = ["attach_mask_hooks", "current_token_weight", "detach_mask_hooks"]
 
 _MASK_ARG = "attention_mask"
+_local = threading.local()
 
 
-class TokenMaskSlot:
-    """The attention mask of the forward currently running through one submodel."""
+def _stack() -> list:
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    return stack
 
-    def __init__(self, positional_index: int | None) -> None:
-        self.positional_index = positional_index
-        self.mask: torch.Tensor | None = None
 
-    def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        mask = kwargs.get(_MASK_ARG)
-        if mask is None and self.positional_index is not None and len(args) > self.positional_index:
-            mask = args[self.positional_index]
-        self.mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+@functools.lru_cache(maxsize=None)
+def _positional_index(cls: type) -> int | None:
+    params = list(inspect.signature(cls.forward).parameters)[1:]  # drop self
+    return params.index(_MASK_ARG) if _MASK_ARG in params else None
 
-    def post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
-        self.mask = None
 
-    def token_weight(self, num_tokens: int) -> torch.Tensor | None:
-        """One 0/1 weight per router token, or ``None`` when the mask does not describe them.
+def push_mask_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    mask = kwargs.get(_MASK_ARG)
+    index = _positional_index(type(module))
+    if mask is None and index is not None and len(args) > index:
+        mask = args[index]
+    _stack().append(mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None)
 
-        Router tokens are the batch's positions flattened in (batch, sequence) order; during cached
-        generation they are the last ``num_tokens / batch`` positions of each row.
-        """
-        mask = self.mask
-        if mask is None:
-            return None
-        batch, length = mask.shape
-        if num_tokens == batch * length:
-            return mask.reshape(-1)
-        if num_tokens % batch == 0 and num_tokens // batch < length:
-            return mask[:, length - num_tokens // batch :].reshape(-1)
+
+def pop_mask_hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+    stack = _stack()
+    if stack:
+        stack.pop()
+
+
+def current_token_weight(num_tokens: int) -> torch.Tensor | None:
+    """One 0/1 weight per router token of the running forward, or ``None`` if the mask does not apply.
+
+    Router tokens are the batch's positions flattened in (batch, sequence) order; during cached
+    generation they are the last ``num_tokens / batch`` positions of each row.
+    """
+    stack = _stack()
+    mask = stack[-1] if stack else None
+    if mask is None:
         return None
+    batch, length = mask.shape
+    if num_tokens == batch * length:
+        return mask.reshape(-1)
+    if num_tokens % batch == 0 and num_tokens // batch < length:
+        return mask[:, length - num_tokens // batch :].reshape(-1)
+    return None
 
 
-def _mask_owner(model: nn.Module, router_path: str) -> tuple[str, nn.Module] | None:
+def _mask_owner(model: nn.Module, router_path: str) -> nn.Module | None:
     """The innermost Transformers (sub)model above ``router_path`` whose forward takes a mask."""
     from transformers import PreTrainedModel
 
     parts = router_path.split(".")
     for cut in range(len(parts) - 1, -1, -1):
-        path = ".".join(parts[:cut])
-        module = model.get_submodule(path)
-        if isinstance(module, PreTrainedModel) and _MASK_ARG in inspect.signature(module.forward).parameters:
-            return path, module
+        module = model.get_submodule(".".join(parts[:cut]))
+        if isinstance(module, PreTrainedModel) and _positional_index(type(module)) is not None:
+            return module
     return None
 
 
-def attach_mask_slots(model: nn.Module, routers: dict[str, nn.Module]) -> None:
-    """Give every router (path → module) the mask slot of its owning submodel."""
-    slots: dict[int, TokenMaskSlot] = {}
-    for path, router in routers.items():
-        owner = _mask_owner(model, path)
-        if owner is None:
-            continue
-        _, module = owner
-        slot = slots.get(id(module))
-        if slot is None:
-            params = list(inspect.signature(module.forward).parameters)
-            slot = TokenMaskSlot(params.index(_MASK_ARG))
-            module.register_forward_pre_hook(slot.pre_hook, with_kwargs=True)
-            module.register_forward_hook(slot.post_hook, with_kwargs=True, always_call=True)
-            slots[id(module)] = slot
-        router._star_mask_slot = slot
+def attach_mask_hooks(model: nn.Module, router_paths: list[str]) -> None:
+    """Hook the submodels that receive the attention mask of the routers at ``router_paths``."""
+    owners = {id(m): m for p in router_paths if (m := _mask_owner(model, p)) is not None}
+    for module in owners.values():
+        if push_mask_hook not in module._forward_pre_hooks.values():
+            module.register_forward_pre_hook(push_mask_hook, with_kwargs=True)
+            module.register_forward_hook(pop_mask_hook, with_kwargs=True, always_call=True)
 
 
-def detach_mask_slots(model: nn.Module) -> None:
-    """Remove every mask hook that :func:`attach_mask_slots` installed."""
+def detach_mask_hooks(model: nn.Module) -> None:
+    """Remove every hook that :func:`attach_mask_hooks` installed."""
     for module in model.modules():
         for hooks in (module._forward_pre_hooks, module._forward_hooks):
-            for key in [k for k, fn in hooks.items() if isinstance(getattr(fn, "__self__", None), TokenMaskSlot)]:
+            for key in [k for k, fn in hooks.items() if fn in (push_mask_hook, pop_mask_hook)]:
                 del hooks[key]
                 module._forward_hooks_with_kwargs.pop(key, None)
                 module._forward_pre_hooks_with_kwargs.pop(key, None)

@@ -18,7 +18,7 @@ from .architectures import supported_architectures
 from .config import StarConfig
 from .discovery import RouterSite, _active_named_modules, scan_routers
 from .init import initial_tensors
-from .masking import attach_mask_slots, detach_mask_slots
+from .masking import attach_mask_hooks, detach_mask_hooks
 from .router import STAR_BUFFER_NAMES, STAR_PARAMETER_NAMES, StarGateHostMixin, StarRouterMixin
 
 __all__ = [
@@ -34,7 +34,6 @@ _INSTANCE_STATE = (
     "star_config",
     "_star_path",
     "_star_bias_slot",
-    "_star_mask_slot",
     "_star_stats",
     "_star_cache",
     "_star_adaptation",
@@ -168,7 +167,7 @@ def patch_model(model: nn.Module, config: StarConfig | None = None, *, allow_unv
     for index, site in enumerate(sites):
         _convert(site, config, index)
     config.patched_modules = [s.path for s in sites]
-    attach_mask_slots(model, find_star_routers(model))
+    attach_mask_hooks(model, config.patched_modules)
     for hf_model in _hf_models(model)[:1]:
         hf_model.config.star_config = config.to_dict()
     return model
@@ -209,7 +208,7 @@ def fold(model: nn.Module) -> nn.Module:
         else:
             module.__dict__.pop("_star_gate_name", None)
             module.__class__ = type(module)._star_base_class
-    detach_mask_slots(model)
+    detach_mask_hooks(model)
     for hf_model in _hf_models(model):
         if hasattr(hf_model.config, "star_config"):
             del hf_model.config.star_config

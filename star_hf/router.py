@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from .config import StarConfig
 from .gha import GHAStatistics, guarded_update_
+from .masking import current_token_weight
 
 __all__ = ["StarRouterMixin", "is_star_router"]
 
@@ -187,15 +188,16 @@ class StarRouterMixin:
                 self._star_stats.add_(stats)
 
     def _star_token_weight(self, x: torch.Tensor) -> torch.Tensor | None:
-        slot = self.__dict__.get("_star_mask_slot")
-        if slot is None or not self.star_config.mask_padding:
+        if not self.star_config.mask_padding:
             return None
-        return slot.token_weight(x.numel() // x.shape[-1])
+        return current_token_weight(x.numel() // x.shape[-1])
 
     def _star_guarded_update(self, stats: GHAStatistics, lr: float) -> None:
         ok = guarded_update_(self.star_basis, stats, lr)
+        # A forward whose tokens are all padding has nothing to learn from; only non-finite skips count.
+        missed = ((~ok) & (stats.count > 0)).to(torch.int64)
         skipped = self.__dict__.get("_star_skipped_pending")
-        self._star_skipped_pending = (~ok).to(torch.int64) if skipped is None else skipped + (~ok).to(torch.int64)
+        self._star_skipped_pending = missed if skipped is None else skipped + missed
 
     # ------------------------------------------------------------------ statistics and updates
     @property
@@ -250,6 +252,9 @@ class StarRouterMixin:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         # Also write the folded gate under the original names, so that a checkpoint of a patched
         # model loads in plain Transformers as the equivalent stock router (eval-mode outputs equal).
+        # Sharding frameworks (ZeRO-3) may leave local parameters empty outside their gather scope.
+        if self.star_linear_weight.dim() != 2 or self.star_mixing.dim() != 2:
+            return
         with torch.no_grad():
             w_eff, b_eff = self._star_compute_effective()
         dtype = self.star_linear_weight.dtype

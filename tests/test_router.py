@@ -172,6 +172,15 @@ def test_padding_is_left_out_of_the_statistics():
     assert float(next(iter(find_star_routers(model).values())).star_pending_statistics.count) == 18
 
 
+def test_copied_router_still_sees_the_mask():
+    """PEFT's modules_to_save runs a deepcopy of the router in place of the original."""
+    model = patch_model(tiny_mixtral()).train()
+    layer = model.model.layers[0].mlp
+    layer.gate = copy.deepcopy(layer.gate)
+    model(torch.randint(0, 128, (2, 6)), attention_mask=torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6]))
+    assert float(layer.gate.star_pending_statistics.count) == 10
+
+
 def test_mask_padding_false_counts_every_token():
     model = patch_model(tiny_mixtral(), StarConfig(mask_padding=False)).train()
     ids = torch.randint(0, 128, (2, 6))

@@ -1,13 +1,18 @@
 """star_hf: STAR routing (Park & Park, ICML 2026) for Hugging Face Transformers MoE models."""
 
+from .adaptation import TestTimeAdaptation, enable_test_time_adaptation, test_time_adaptation
 from .architectures import supported_architectures
 from .config import StarConfig
 from .gha import GHAStatistics
+from .integrations import install_import_hooks as _install_import_hooks
 from .patcher import AlreadyPatchedError, NoRouterError, UnsupportedRouterError, find_star_routers, fold, patch_model
 from .router import StarRouterMixin, is_star_router
 from .step import gha_step
 
 __version__ = "0.1.0"
+
+# PEFT keeps STAR routers out of LoRA and saves them with adapters (star_hf/integrations/peft.py).
+_install_import_hooks()
 
 __all__ = [
     "AlreadyPatchedError",
@@ -15,11 +20,14 @@ __all__ = [
     "NoRouterError",
     "StarConfig",
     "StarRouterMixin",
+    "TestTimeAdaptation",
     "UnsupportedRouterError",
+    "enable_test_time_adaptation",
     "find_star_routers",
     "fold",
     "gha_step",
     "is_star_router",
     "patch_model",
     "supported_architectures",
+    "test_time_adaptation",
 ]

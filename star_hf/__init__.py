@@ -1,10 +1,14 @@
 """star_hf: STAR routing (Park & Park, ICML 2026) for Hugging Face Transformers MoE models."""
 
+from .adapter import AdapterMismatchError, load_adapter, save_adapter
 from .adaptation import TestTimeAdaptation, enable_test_time_adaptation, test_time_adaptation
 from .architectures import supported_architectures
+from .calibration import calibrate
 from .config import StarConfig
 from .gha import GHAStatistics
+from .io import CorruptFileError
 from .integrations import install_import_hooks as _install_import_hooks
+from .loading import from_pretrained, save_pretrained
 from .patcher import AlreadyPatchedError, NoRouterError, UnsupportedRouterError, find_star_routers, fold, patch_model
 from .router import StarRouterMixin, is_star_router
 from .step import gha_step
@@ -15,19 +19,26 @@ __version__ = "0.1.0"
 _install_import_hooks()
 
 __all__ = [
+    "AdapterMismatchError",
     "AlreadyPatchedError",
+    "CorruptFileError",
     "GHAStatistics",
     "NoRouterError",
     "StarConfig",
     "StarRouterMixin",
     "TestTimeAdaptation",
     "UnsupportedRouterError",
+    "calibrate",
     "enable_test_time_adaptation",
     "find_star_routers",
     "fold",
+    "from_pretrained",
     "gha_step",
     "is_star_router",
+    "load_adapter",
     "patch_model",
+    "save_adapter",
+    "save_pretrained",
     "supported_architectures",
     "test_time_adaptation",
 ]

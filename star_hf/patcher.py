@@ -8,6 +8,7 @@ replaces the gate's ``weight`` parameter by the STAR parameters. Nothing else in
 
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
 
 import torch
@@ -69,6 +70,15 @@ def _hf_models(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, PreTrainedModel)]
 
 
+def _peft_integration():
+    """``star_hf.integrations.peft`` when PEFT is imported (a PEFT-wrapped model implies it is)."""
+    if "peft" not in sys.modules:
+        return None
+    from .integrations import peft
+
+    return peft
+
+
 def _check_sites(model: nn.Module, config: StarConfig, allow_unverified: bool) -> list[RouterSite]:
     """Every check runs before the model is touched."""
     if _all_star_modules(model):
@@ -115,6 +125,8 @@ def _check_sites(model: nn.Module, config: StarConfig, allow_unverified: bool) -
                 f"gha_only with init='preserve' needs num_components >= the number of experts ({s.num_experts}) "
                 f"at {s.path}, so that M B can reproduce the original gate; got {r}."
             )
+    if (peft := _peft_integration()) is not None:
+        peft.refuse_adapted_routers(model, [s.path for s in sites])
     return sites
 
 
@@ -168,6 +180,9 @@ def patch_model(model: nn.Module, config: StarConfig | None = None, *, allow_unv
         _convert(site, config, index)
     config.patched_modules = [s.path for s in sites]
     attach_mask_hooks(model, config.patched_modules)
+    if (peft := _peft_integration()) is not None:
+        # Adapters added before patching must save the new routers too.
+        peft.add_routers_to_adapters(model)
     for hf_model in _hf_models(model)[:1]:
         hf_model.config.star_config = config.to_dict()
     return model

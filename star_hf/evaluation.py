@@ -1,0 +1,163 @@
+"""Evaluation-only routing measures used by the benchmarks (STAR.md §6).
+
+Specialisation, stability and basis health of a router, computed from what an evaluation pass
+already produces (router logits, known labels, the basis). Load metrics (tokens per expert, CV,
+normalised entropy) live in :mod:`star_hf.metrics`; this module adds the measures that need labels,
+two checkpoints or reference data:
+
+- :func:`normalized_mutual_info` — agreement between a known token label (e.g. the cluster a
+  synthetic token came from) and the expert it is routed to;
+- :func:`routing_fluctuation` — share of fixed probe tokens whose top-1 expert changed between two
+  evaluation points;
+- :func:`subspace_alignment` — how much of a basis lies in the top principal subspace of the data
+  (does GHA actually find the structure?);
+- :func:`top1_experts` and :func:`record_router_logits` — the routing decisions of a forward pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from collections.abc import Iterator
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "gate_modules",
+    "normalized_mutual_info",
+    "principal_subspace",
+    "record_router_logits",
+    "routing_fluctuation",
+    "subspace_alignment",
+    "top1_experts",
+]
+
+
+def _labels(values: torch.Tensor | list[int], name: str) -> torch.Tensor:
+    t = torch.as_tensor(values).reshape(-1)
+    if t.numel() == 0:
+        return t.to(torch.int64).cpu()
+    if t.dtype.is_floating_point or t.dtype == torch.bool or t.dtype.is_complex:
+        raise TypeError(f"{name} must hold integer labels, got dtype {t.dtype}.")
+    if int(t.min()) < 0:
+        raise ValueError(f"{name} must hold labels >= 0, got {int(t.min())}.")
+    return t.to(torch.int64).cpu()
+
+
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    p = p[p > 0]
+    return -(p * p.log()).sum()
+
+
+def normalized_mutual_info(labels_true: torch.Tensor | list[int], labels_pred: torch.Tensor | list[int]) -> float:
+    """NMI between two labelings of the same items: I(T; P) / ((H(T) + H(P)) / 2).
+
+    The arithmetic-mean normalisation (scikit-learn's default). 1.0 when one labeling determines
+    the other up to renaming, 0.0 when they are independent. When both labelings are constant the
+    value is 1.0 (they trivially agree); when exactly one is constant it is 0.0.
+    """
+    t, p = _labels(labels_true, "labels_true"), _labels(labels_pred, "labels_pred")
+    if t.shape != p.shape:
+        raise ValueError(f"labels_true and labels_pred must have the same length, got {t.numel()} and {p.numel()}.")
+    if t.numel() == 0:
+        raise ValueError("normalized_mutual_info needs at least one item.")
+    rows, cols = int(t.max()) + 1, int(p.max()) + 1
+    joint = torch.zeros(rows * cols, dtype=torch.float64)
+    joint.index_add_(0, t * cols + p, torch.ones(t.numel(), dtype=torch.float64))
+    joint = (joint / t.numel()).view(rows, cols)
+    pt, pp = joint.sum(1), joint.sum(0)
+    h_t, h_p = _entropy(pt), _entropy(pp)
+    if h_t == 0 and h_p == 0:
+        return 1.0
+    if h_t == 0 or h_p == 0:
+        return 0.0
+    nz = joint > 0
+    mi = (joint[nz] * (joint[nz] / (pt[:, None] * pp[None, :])[nz]).log()).sum()
+    return float((mi / ((h_t + h_p) / 2)).clamp(0.0, 1.0))
+
+
+def routing_fluctuation(previous: torch.Tensor, current: torch.Tensor) -> float:
+    """Share of probe tokens whose top-1 expert differs between two evaluation points."""
+    a, b = _labels(previous, "previous"), _labels(current, "current")
+    if a.shape != b.shape or a.numel() == 0:
+        raise ValueError(
+            f"routing_fluctuation compares the same non-empty probe set twice, got {a.numel()} and {b.numel()} tokens."
+        )
+    return float((a != b).to(torch.float64).mean())
+
+
+def top1_experts(router_logits: torch.Tensor) -> torch.Tensor:
+    """Index of the highest-scoring expert per token (logits ``…×E`` → ``N``, int64, CPU)."""
+    return router_logits.detach().reshape(-1, router_logits.shape[-1]).argmax(dim=-1).cpu()
+
+
+def principal_subspace(x: torch.Tensor, num_components: int) -> torch.Tensor:
+    """Orthonormal rows (R×D) spanning the top-R eigenvectors of the uncentred second moment of ``x``.
+
+    This is the subspace Sanger's rule converges to (STAR.md §2), the reference for
+    :func:`subspace_alignment`.
+    """
+    x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+    if not 1 <= num_components <= x.shape[-1]:
+        raise ValueError(f"num_components must be in [1, {x.shape[-1]}], got {num_components}.")
+    second_moment = x.t() @ x / x.shape[0]
+    _, vectors = torch.linalg.eigh(second_moment)  # ascending eigenvalues
+    return vectors[:, -num_components:].flip(-1).t().contiguous()
+
+
+def subspace_alignment(basis: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean squared cosine of the principal angles between span(basis) and span(reference).
+
+    Both are R×D (rows need not be orthonormal; they are orthonormalised here). 1.0: the same
+    subspace; R/D on average for a random basis against a fixed subspace.
+    """
+    if basis.shape[-1] != reference.shape[-1]:
+        raise ValueError(f"basis and reference live in different dimensions: {basis.shape[-1]} vs {reference.shape[-1]}.")
+    q_b, _ = torch.linalg.qr(basis.detach().to(torch.float64).t())
+    q_r, _ = torch.linalg.qr(reference.detach().to(torch.float64).t())
+    cosines = torch.linalg.svdvals(q_b.t() @ q_r)
+    return float((cosines**2).sum() / min(q_b.shape[1], q_r.shape[1]))
+
+
+def gate_modules(model: nn.Module) -> "OrderedDict[str, nn.Module]":
+    """Path → the module producing each router's logits, for a stock or a STAR-patched model.
+
+    The same paths in both cases (the gate owner: the router itself, or its gate ``nn.Linear``), so
+    a baseline and its STAR upgrade can be compared router by router.
+    """
+    from .discovery import scan_routers
+    from .patcher import find_star_routers
+
+    star = find_star_routers(model)
+    if star:
+        return OrderedDict(star)
+    return OrderedDict((site.path, site.gate) for site in scan_routers(model)[0])
+
+
+@contextlib.contextmanager
+def record_router_logits(
+    routers: "OrderedDict[str, nn.Module] | dict[str, nn.Module]", detach: bool = True
+) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Collect the router logits of every forward run inside the block, per router path.
+
+    ``routers`` maps a path to a router module whose output is ``logits`` or a tuple starting with
+    them (the Transformers convention). Works for stock and STAR routers alike, also where the
+    model's forward does not return router logits (e.g. a bare MoE block). ``detach=False`` keeps
+    the autograd graph, for an auxiliary loss computed from the recorded logits.
+    """
+    recorded: dict[str, list[torch.Tensor]] = {path: [] for path in routers}
+
+    def hook_for(path: str):
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            logits = output[0] if isinstance(output, (tuple, list)) else output
+            recorded[path].append(logits.detach() if detach else logits)
+
+        return hook
+
+    handles = [router.register_forward_hook(hook_for(path)) for path, router in routers.items()]
+    try:
+        yield recorded
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,122 @@
+"""star_hf.evaluation: NMI, routing fluctuation, subspace alignment, router-logit recording.
+
+Expected values are computed by hand (closed forms in the test), never with the code under test.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from star_hf.evaluation import (
+    gate_modules,
+    normalized_mutual_info,
+    principal_subspace,
+    record_router_logits,
+    routing_fluctuation,
+    subspace_alignment,
+    top1_experts,
+)
+
+
+def test_nmi_hand_computed_example():
+    # Joint distribution of (true, pred) over 4 items: (0,0) 2/4, (1,0) 1/4, (1,1) 1/4.
+    true, pred = [0, 0, 1, 1], [0, 0, 0, 1]
+    mi = 0.5 * math.log(0.5 / (0.5 * 0.75)) + 0.25 * math.log(0.25 / (0.5 * 0.75)) + 0.25 * math.log(0.25 / (0.5 * 0.25))
+    h_true = math.log(2)
+    h_pred = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    expected = mi / ((h_true + h_pred) / 2)
+    assert expected == pytest.approx(0.343711, abs=1e-6)
+    assert normalized_mutual_info(true, pred) == pytest.approx(expected, abs=1e-12)
+    assert normalized_mutual_info(pred, true) == pytest.approx(expected, abs=1e-12)
+
+
+def test_nmi_extremes():
+    # A renaming of the labels is a perfect match; label values need not be contiguous.
+    assert normalized_mutual_info([0, 0, 1, 1, 2, 2], [5, 5, 3, 3, 0, 0]) == pytest.approx(1.0)
+    # Independent labelings: every (true, pred) pair equally often.
+    assert normalized_mutual_info([0, 0, 1, 1], [0, 1, 0, 1]) == pytest.approx(0.0, abs=1e-12)
+    assert normalized_mutual_info([1, 1, 1], [2, 2, 2]) == 1.0
+    assert normalized_mutual_info([0, 1, 2], [4, 4, 4]) == 0.0
+    assert normalized_mutual_info(torch.tensor([0, 1]), torch.tensor([1, 0])) == pytest.approx(1.0)
+
+
+def test_nmi_rejects_bad_input():
+    with pytest.raises(ValueError, match="same length"):
+        normalized_mutual_info([0, 1], [0])
+    with pytest.raises(TypeError, match="integer"):
+        normalized_mutual_info(torch.tensor([0.0, 1.0]), [0, 1])
+    with pytest.raises(ValueError, match=">= 0"):
+        normalized_mutual_info([-1, 0], [0, 1])
+    with pytest.raises(ValueError, match="at least one"):
+        normalized_mutual_info([], [])
+
+
+def test_routing_fluctuation():
+    assert routing_fluctuation(torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 3, 3])) == pytest.approx(0.25)
+    assert routing_fluctuation([2, 2], [2, 2]) == 0.0
+    with pytest.raises(ValueError, match="same non-empty probe set"):
+        routing_fluctuation([0, 1], [0, 1, 2])
+
+
+def test_top1_experts_flattens_tokens():
+    logits = torch.tensor([[[0.1, 0.9, 0.0], [2.0, -1.0, 0.5]]])
+    assert top1_experts(logits).tolist() == [1, 0]
+
+
+def test_principal_subspace_and_alignment():
+    g = torch.Generator().manual_seed(0)
+    # Variances 9, 4, 0.01, 0.01 along the axes: the top-2 subspace is span(e0, e1).
+    x = torch.randn(20000, 4, generator=g) * torch.tensor([3.0, 2.0, 0.1, 0.1])
+    top2 = principal_subspace(x, 2)
+    assert torch.allclose(top2 @ top2.t(), torch.eye(2, dtype=top2.dtype), atol=1e-9)
+    assert subspace_alignment(top2, torch.eye(4)[:2]) == pytest.approx(1.0, abs=1e-3)
+
+    e = torch.eye(3)
+    # The same plane described by a non-orthonormal basis.
+    assert subspace_alignment(torch.stack([e[0] + e[1], e[1]]), e[:2]) == pytest.approx(1.0)
+    assert subspace_alignment(e[:1], e[1:2]) == pytest.approx(0.0, abs=1e-12)
+    # A 45 degree angle: cos^2 = 1/2.
+    assert subspace_alignment(e[:1], ((e[0] + e[1]) / math.sqrt(2))[None]) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="different dimensions"):
+        subspace_alignment(e[:1], torch.eye(4)[:1])
+
+
+def test_record_router_logits_matches_model_output(mixtral, input_ids):
+    routers = gate_modules(mixtral)
+    assert len(routers) == 2
+    with torch.no_grad(), record_router_logits(routers) as recorded:
+        out = mixtral(input_ids, output_router_logits=True)
+    for path, expected in zip(routers, out.router_logits):
+        assert len(recorded[path]) == 1
+        torch.testing.assert_close(recorded[path][0], expected)
+    # The hooks are gone after the block.
+    with torch.no_grad():
+        mixtral(input_ids)
+    assert all(len(v) == 1 for v in recorded.values())
+
+
+def test_record_router_logits_keeps_graph_when_asked(mixtral, input_ids):
+    routers = gate_modules(mixtral)
+    mixtral.train()
+    with record_router_logits(routers, detach=False) as recorded:
+        mixtral(input_ids)
+    assert all(t[0].requires_grad for t in recorded.values())
+
+
+def test_gate_modules_same_paths_after_patching(mixtral, input_ids):
+    import star_hf
+
+    before = gate_modules(mixtral)
+    with torch.no_grad(), record_router_logits(before) as stock:
+        mixtral(input_ids)
+    star_hf.patch_model(mixtral, star_hf.StarConfig(init="preserve"))
+    after = gate_modules(mixtral)
+    assert list(after) == list(before)
+    assert all(star_hf.is_star_router(m) for m in after.values())
+    with torch.no_grad(), record_router_logits(after) as patched:
+        mixtral(input_ids)
+    for path in before:
+        torch.testing.assert_close(patched[path][0], stock[path][0], atol=1e-5, rtol=0)

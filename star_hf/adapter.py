@@ -118,10 +118,11 @@ def copy_router_tensors(router: StarRouterMixin, tensors: dict[str, torch.Tensor
 
 
 # ------------------------------------------------------------------------------------- saving
-def _model_summary(config: Any) -> dict[str, Any]:
+def _model_summary(hf_model: nn.Module) -> dict[str, Any]:
+    config = hf_model.config
     return {
         "model_type": getattr(config, "model_type", None),
-        "architectures": list(getattr(config, "architectures", None) or []),
+        "architectures": list(getattr(config, "architectures", None) or [type(hf_model).__name__]),
         "hidden_size": getattr(config, "hidden_size", None),
         "num_hidden_layers": getattr(config, "num_hidden_layers", None),
     }
@@ -158,7 +159,7 @@ def save_adapter(
     base = {
         "name_or_path": base_model_name_or_path or getattr(hf_model.config, "_name_or_path", "") or None,
         "revision": revision,
-        **_model_summary(hf_model.config),
+        **_model_summary(hf_model),
     }
     router_info = {}
     tensors = {}
@@ -253,15 +254,21 @@ def _compare(what: str, adapter_value: Any, model_value: Any, differences: list[
         differences.append(f"{what}: adapter {adapter_value!r}, model {model_value!r}")
 
 
-def _stock_differences(model: nn.Module, meta: dict[str, Any], star_config: StarConfig) -> list[str]:
-    """Every way a stock model differs from what the adapter was saved from."""
+def _base_differences(model: nn.Module, meta: dict[str, Any]) -> list[str]:
+    """How the model's architecture, hidden size and layer count differ from the adapter's base."""
     _, hf_model = hf_root(model)
     differences: list[str] = []
     base = meta.get("base_model", {})
-    summary = _model_summary(hf_model.config)
+    summary = _model_summary(hf_model)
     _compare("architecture (model_type)", base.get("model_type"), summary["model_type"], differences)
     _compare("hidden size", base.get("hidden_size"), summary["hidden_size"], differences)
     _compare("number of layers", base.get("num_hidden_layers"), summary["num_hidden_layers"], differences)
+    return differences
+
+
+def _stock_differences(model: nn.Module, meta: dict[str, Any], star_config: StarConfig) -> list[str]:
+    """Every way a stock model differs from what the adapter was saved from."""
+    differences = _base_differences(model, meta)
     prefix, _ = hf_root(model)
     sites, _ = scan_routers(model)
     sites = {canonical_path(s.path, prefix): s for s in sites if star_config.selects(s.path) or star_config.selects(s.router_path)}
@@ -288,7 +295,8 @@ def _patched_differences(model: nn.Module, meta: dict[str, Any], star_config: St
     routers = canonical_routers(model)
     current = next(iter(routers.values())).star_config.to_dict()
     wanted = star_config.to_dict()
-    differences = [
+    differences = _base_differences(model, meta)
+    differences += [
         f"StarConfig.{k}: adapter {wanted[k]!r}, model {current[k]!r}"
         for k in wanted
         if k not in _INIT_ONLY_FIELDS and wanted[k] != current.get(k)
@@ -299,11 +307,12 @@ def _patched_differences(model: nn.Module, meta: dict[str, Any], star_config: St
         differences.append(f"STAR routers in the adapter but not in the model: {missing}")
     if extra:
         differences.append(f"STAR routers in the model but not in the adapter: {extra}")
+    if differences:  # shapes follow from the config and paths; name them only when those agree
+        return differences
     for path, info in meta["routers"].items():
-        if path in routers:
-            shapes = expected_shapes(info["num_experts"], info["hidden_size"], info["num_components"], info["bias"])
-            if shapes != router_shapes(routers[path]):
-                differences.append(f"{path}: adapter shapes {shapes}, model {router_shapes(routers[path])}")
+        shapes = expected_shapes(info["num_experts"], info["hidden_size"], info["num_components"], info["bias"])
+        if shapes != router_shapes(routers[path]):
+            differences.append(f"{path}: adapter shapes {shapes}, model {router_shapes(routers[path])}")
     return differences
 
 

@@ -11,6 +11,7 @@ router logits, and hence the model's outputs, are unchanged.
 from __future__ import annotations
 
 import inspect
+import itertools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -159,9 +160,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, max_batches: int | No
     model.eval()
     try:
         with torch.no_grad():
-            for index, batch in enumerate(batches):
-                if max_batches is not None and index >= max_batches:
-                    break
+            for batch in itertools.islice(batches, max_batches):
                 model(**_model_inputs(model, batch, accepted))
     finally:
         for handle in handles:

@@ -21,6 +21,7 @@ def add_common_args(parser: argparse.ArgumentParser, seeds: int = 3) -> None:
     parser.add_argument("--seeds", type=int, default=seeds, help="number of seeds (0 .. seeds-1)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (tiny models: 1 is fastest)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where the JSON and PNG files go")
+    parser.add_argument("--tag", default="", help="suffix of the result file names (keeps variants apart)")
     parser.add_argument("--smoke", action="store_true", help="a seconds-long run that exercises every code path")
 
 
@@ -28,6 +29,11 @@ def setup(args: argparse.Namespace) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
     args.out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def result_path(args: argparse.Namespace, name: str, suffix: str) -> Path:
+    """``<out-dir>/<name>[_<tag>].<suffix>``."""
+    return args.out_dir / f"{name}{'_' + args.tag if args.tag else ''}.{suffix}"
 
 
 def mean_std(values: Sequence[float]) -> dict[str, Any]:

@@ -28,6 +28,7 @@ top-R principal subspace of the inputs, drift from its initial value, mean inter
 Usage:
     python benchmarks/synthetic_routing.py                 # 3 seeds, η ∈ {0, 5e-5, 1e-2}, ~2 min on 1 core
     python benchmarks/synthetic_routing.py --smoke         # seconds
+    python benchmarks/synthetic_routing.py --aux-coef 0 --tag noaux   # no load-balancing loss
     python benchmarks/synthetic_routing.py --gha-lrs 5e-5 1e-3 1e-2 --steps 1500
 """
 
@@ -319,8 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args)
     print(table(result["summary"]))
     payload = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, **result}
-    json_path = _common.write_json(args.out_dir / f"{NAME}.json", payload)
-    png_path = plot(result, args.out_dir / f"{NAME}.png")
+    json_path = _common.write_json(_common.result_path(args, NAME, "json"), payload)
+    png_path = plot(result, _common.result_path(args, NAME, "png"))
     print(f"wrote {json_path} and {png_path}")
     return 0
 

@@ -11,19 +11,25 @@ two checkpoints or reference data:
   evaluation points;
 - :func:`subspace_alignment` — how much of a basis lies in the top principal subspace of the data
   (does GHA actually find the structure?);
-- :func:`top1_experts` and :func:`record_router_logits` — the routing decisions of a forward pass.
+- :func:`top1_experts` and :func:`record_router_logits` — the routing decisions of a forward pass;
+- :func:`evaluate_causal_lm` — held-out loss of a causal LM together with every router's decisions
+  on the same tokens (one pass for loss, load and fluctuation probes).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 __all__ = [
+    "LMEvaluation",
+    "evaluate_causal_lm",
     "gate_modules",
     "normalized_mutual_info",
     "principal_subspace",
@@ -161,3 +167,100 @@ def record_router_logits(
     finally:
         for handle in handles:
             handle.remove()
+
+
+@dataclass
+class LMEvaluation:
+    """Held-out loss of a causal LM and the routing of every router on the same tokens."""
+
+    loss: float  # mean next-token cross-entropy over the predicted (non-padding) tokens
+    predicted_tokens: int
+    top1: "OrderedDict[str, torch.Tensor]"  # router path -> top-1 expert of every non-padding token, in order
+    load: "OrderedDict[str, torch.Tensor]"  # router path -> top-k assignments per expert (float64)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+
+def _batch_dict(batch: dict | torch.Tensor) -> dict[str, torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        return {"input_ids": batch}
+    if "input_ids" not in batch:
+        raise ValueError(f"an evaluation batch needs 'input_ids'; got keys {sorted(batch)}.")
+    return dict(batch)
+
+
+def _model_top_k(model: nn.Module, gates: "OrderedDict[str, nn.Module]") -> int:
+    for gate in gates.values():
+        if isinstance(getattr(gate, "top_k", None), int):
+            return gate.top_k
+    k = getattr(getattr(model, "config", None), "num_experts_per_tok", None)
+    if isinstance(k, int):
+        return k
+    raise ValueError("cannot tell how many experts each token goes to; pass top_k= explicitly.")
+
+
+def evaluate_causal_lm(model: nn.Module, batches: Iterable[dict | torch.Tensor], top_k: int | None = None) -> LMEvaluation:
+    """Loss and routing of ``model`` on ``batches`` (eval mode, no gradients; the mode is restored).
+
+    Each batch is an ``input_ids`` tensor or a dict with ``input_ids`` and optionally
+    ``attention_mask`` and ``labels`` (default: the input ids). Labels of -100, padding tokens and
+    tokens that follow a padding position are not predicted.
+    Routing is read with :func:`record_router_logits` for stock and STAR routers alike; padding
+    tokens are left out. ``top_k`` (experts per token, for the load) defaults to the router's or the
+    config's ``num_experts_per_tok``.
+    """
+    gates = gate_modules(model)
+    if not gates:
+        raise ValueError(f"{type(model).__name__} has no MoE routers to evaluate.")
+    k = top_k if top_k is not None else _model_top_k(model, gates)
+    total_loss, total_tokens = 0.0, 0
+    top1: dict[str, list[torch.Tensor]] = {p: [] for p in gates}
+    load: dict[str, torch.Tensor] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), record_router_logits(gates) as recorded:
+            for batch in batches:
+                batch = _batch_dict(batch)
+                ids = batch["input_ids"]
+                mask = batch.get("attention_mask")
+                labels = batch.get("labels", ids).clone()
+                if mask is not None:
+                    labels[mask == 0] = -100
+                for logs in recorded.values():
+                    logs.clear()
+                inputs = {key: batch[key] for key in ("input_ids", "attention_mask") if key in batch}
+                logits = model(**inputs).logits
+                target = labels[:, 1:]
+                if mask is not None:
+                    # A token is predicted only from a real (non-padding) position.
+                    target = target.masked_fill(mask[:, :-1] == 0, -100)
+                target = target.reshape(-1)
+                ce = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]).float(), target, ignore_index=-100, reduction="sum"
+                )
+                total_loss += float(ce)
+                total_tokens += int((target != -100).sum())
+                keep = None if mask is None else mask.reshape(-1).bool().cpu()
+                for path, logs in recorded.items():
+                    if len(logs) != 1:
+                        raise RuntimeError(f"router {path} ran {len(logs)} times in one forward; expected once.")
+                    router_logits = logs[0].reshape(-1, logs[0].shape[-1]).float().cpu()
+                    if keep is not None:
+                        router_logits = router_logits[keep]
+                    top1[path].append(router_logits.argmax(dim=-1))
+                    chosen = router_logits.topk(k, dim=-1).indices.reshape(-1)
+                    counts = torch.bincount(chosen, minlength=router_logits.shape[-1]).to(torch.float64)
+                    load[path] = counts if path not in load else load[path] + counts
+    finally:
+        model.train(was_training)
+    if total_tokens == 0:
+        raise ValueError("the evaluation batches contain no token to predict.")
+    return LMEvaluation(
+        loss=total_loss / total_tokens,
+        predicted_tokens=total_tokens,
+        top1=OrderedDict((p, torch.cat(v)) for p, v in top1.items()),
+        load=OrderedDict((p, load[p]) for p in gates),
+    )

@@ -120,3 +120,45 @@ def test_gate_modules_same_paths_after_patching(mixtral, input_ids):
         mixtral(input_ids)
     for path in before:
         torch.testing.assert_close(patched[path][0], stock[path][0], atol=1e-5, rtol=0)
+
+
+def test_evaluate_causal_lm_matches_model_loss_and_routing(mixtral, input_ids):
+    from star_hf.evaluation import evaluate_causal_lm
+
+    mixtral.train()  # the evaluation switches to eval mode and back
+    result = evaluate_causal_lm(mixtral, [input_ids[:1], {"input_ids": input_ids[1:]}])
+    assert mixtral.training
+    mixtral.eval()
+    with torch.no_grad():
+        out = [mixtral(input_ids[i : i + 1], output_router_logits=True) for i in range(2)]
+        # Without output_router_logits: Mixtral's loss then has no aux term.
+        losses = [mixtral(input_ids[i : i + 1], labels=input_ids[i : i + 1]).loss for i in range(2)]
+    # Both rows predict 11 tokens: the token-weighted mean is the mean of the two losses.
+    assert result.predicted_tokens == 2 * 11
+    assert result.loss == pytest.approx(float((losses[0] + losses[1]) / 2), abs=1e-5)
+    assert result.perplexity == pytest.approx(math.exp(result.loss))
+    for layer, path in enumerate(result.top1):
+        logits = torch.cat([o.router_logits[layer] for o in out])
+        assert result.top1[path].tolist() == logits.argmax(-1).tolist()
+        top2 = logits.topk(2, dim=-1).indices.reshape(-1)
+        expected = [float((top2 == e).sum()) for e in range(4)]
+        assert result.load[path].tolist() == expected
+        assert result.load[path].sum() == 2 * 12 * 2
+
+
+def test_evaluate_causal_lm_leaves_padding_out(mixtral):
+    from star_hf.evaluation import evaluate_causal_lm
+
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [0, 0, 11, 12, 13, 14]])  # second row left-padded
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+    result = evaluate_causal_lm(mixtral, [{"input_ids": ids, "attention_mask": mask}])
+    assert result.predicted_tokens == 5 + 3
+    path = next(iter(result.top1))
+    assert result.top1[path].numel() == 10
+    assert result.load[path].sum() == 10 * 2
+    with torch.no_grad():
+        row = evaluate_causal_lm(mixtral, [ids[:1]])
+        # The unpadded row alone gives the same routing for its tokens.
+        assert row.top1[path].tolist() == result.top1[path][:6].tolist()
+    with pytest.raises(ValueError, match="input_ids"):
+        evaluate_causal_lm(mixtral, [{"attention_mask": mask}])

@@ -6,6 +6,7 @@ from .architectures import supported_architectures
 from .calibration import calibrate
 from .config import StarConfig
 from .gha import GHAStatistics
+from .hub import HubUploadError, push_to_hub, stage_for_hub
 from .io import CorruptFileError
 from .integrations import install_import_hooks as _install_import_hooks
 from .loading import from_pretrained, save_pretrained
@@ -23,6 +24,7 @@ __all__ = [
     "AlreadyPatchedError",
     "CorruptFileError",
     "GHAStatistics",
+    "HubUploadError",
     "NoRouterError",
     "StarConfig",
     "StarRouterMixin",
@@ -37,8 +39,10 @@ __all__ = [
     "is_star_router",
     "load_adapter",
     "patch_model",
+    "push_to_hub",
     "save_adapter",
     "save_pretrained",
+    "stage_for_hub",
     "supported_architectures",
     "test_time_adaptation",
 ]

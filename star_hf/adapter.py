@@ -34,6 +34,7 @@ _FORMAT_VERSION = 1
 STAR_TENSOR_NAMES = STAR_PARAMETER_NAMES + STAR_BUFFER_NAMES
 # Config fields that only shape the initial tensors, which a load overwrites.
 _INIT_ONLY_FIELDS = ("init", "seed", "patched_modules")
+_ROUTER_FIELDS = ("num_experts", "hidden_size", "num_components")
 
 
 class AdapterMismatchError(ValueError):
@@ -236,6 +237,12 @@ def _read_adapter(config_file: Path, weights_file: Path) -> tuple[dict[str, Any]
         star_config = StarConfig.from_dict(meta["star_config"])
     except (TypeError, ValueError) as err:
         raise CorruptFileError(f"{config_file}: invalid star_config: {err}") from None
+    for path, info in meta["routers"].items():
+        fields_ok = isinstance(info, dict) and all(isinstance(info.get(k), int) for k in _ROUTER_FIELDS)
+        if not fields_ok or not isinstance(info.get("bias"), bool):
+            raise CorruptFileError(
+                f"{config_file}: router {path!r} must list {', '.join(_ROUTER_FIELDS)} (integers) and bias (true/false)."
+            )
     tensors, _ = read_safetensors(weights_file, "STAR adapter weights")
     grouped = group_by_router(tensors)
     problems = [f"tensors for router {p}, which the config does not list" for p in grouped if p not in meta["routers"]]

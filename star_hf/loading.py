@@ -287,8 +287,11 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, **kwarg
 
     The checkpoint is written into a temporary sibling folder and renamed into place once complete,
     so an interrupted save leaves the previous checkpoint intact. Files of an existing folder that
-    the save does not write (a tokenizer, a README) are kept; stale weight files are not.
+    the save does not write (a tokenizer, a README) are kept; stale weight files are not. With
+    ``is_main_process=False`` (the other ranks of a distributed job) nothing is written.
     """
+    if not kwargs.get("is_main_process", True):
+        return str(save_directory)
     with atomic_directory(save_directory, keep_existing=_not_weights) as tmp:
         model.save_pretrained(tmp, **kwargs)
     return str(save_directory)

@@ -225,6 +225,10 @@ def _broken_adapter(tmp_path: Path, how: str) -> Path:
         meta = json.loads(config.read_text())
         meta["star_config"]["gha_learning_rate"] = 1.0
         config.write_text(json.dumps(meta))
+    elif how == "router-fields":
+        meta = json.loads(config.read_text())
+        del meta["routers"]["model.layers.1.mlp.gate"]["num_experts"]
+        config.write_text(json.dumps(meta))
     elif how == "mismatched-pair":
         save_adapter(trained("mixtral", StarConfig(num_components=2)), tmp_path / "other")
         weights.write_bytes((tmp_path / "other" / "star_adapter.safetensors").read_bytes())
@@ -240,6 +244,7 @@ def _broken_adapter(tmp_path: Path, how: str) -> Path:
         ("bad-json", CorruptFileError, r"star_config\.json is not valid JSON"),
         ("not-an-adapter", CorruptFileError, r"star_config\.json is not a star_hf adapter config"),
         ("unknown-star-field", CorruptFileError, r"invalid star_config: Unknown StarConfig field\(s\) \['gha_learning_rate'\]"),
+        ("router-fields", CorruptFileError, r"router 'model\.layers\.1\.mlp\.gate' must list num_experts"),
         ("mismatched-pair", CorruptFileError, r"star_mixing: shape \(4, 2\), expected \(4, 4\)"),
     ],
 )
@@ -271,3 +276,17 @@ def test_adapter_of_a_deepcopy_and_of_a_wrapped_model(tmp_path):
     save_adapter(wrapper, tmp_path)  # paths are relative to the Transformers model inside
     base = load_adapter(BUILDERS["mixtral"](), tmp_path)
     assert_same_star_state(star_state(model), star_state(base))
+
+
+def test_adapter_of_a_peft_wrapped_model_uses_the_transformers_paths(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = trained("mixtral")
+    expected = star_state(model)
+    peft_model = get_peft_model(model, LoraConfig(target_modules=["q_proj"], r=2))
+    save_adapter(peft_model, tmp_path)
+    meta = json.loads((tmp_path / "star_config.json").read_text())
+    assert list(meta["routers"]) == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
+    base = load_adapter(BUILDERS["mixtral"](), tmp_path)
+    state = star_state(base)
+    assert all(torch.equal(state[k], expected[k]) for k in expected)

@@ -266,6 +266,11 @@ def test_save_pretrained_replaces_weights_and_keeps_other_files(tmp_path):
     assert not _debris(tmp_path)
 
 
+def test_save_pretrained_writes_nothing_on_other_ranks(tmp_path):
+    star_hf.save_pretrained(trained("mixtral"), tmp_path / "ckpt", is_main_process=False)
+    assert not (tmp_path / "ckpt").exists() and not list(tmp_path.iterdir())
+
+
 def test_interrupted_save_adapter_keeps_the_previous_adapter(tmp_path, monkeypatch):
     target = tmp_path / "adapter"
     star_hf.save_adapter(trained("mixtral", seed=1), target)

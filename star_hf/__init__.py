@@ -4,12 +4,14 @@ from .adapter import AdapterMismatchError, load_adapter, save_adapter
 from .adaptation import TestTimeAdaptation, enable_test_time_adaptation, test_time_adaptation
 from .architectures import supported_architectures
 from .calibration import calibrate
+from .callback import StarCallback
 from .config import StarConfig
 from .gha import GHAStatistics
 from .hub import HubUploadError, push_to_hub, stage_for_hub
 from .io import CorruptFileError
 from .integrations import install_import_hooks as _install_import_hooks
 from .loading import from_pretrained, save_pretrained
+from .metrics import RoutingMonitor, routing_report
 from .patcher import AlreadyPatchedError, NoRouterError, UnsupportedRouterError, find_star_routers, fold, patch_model
 from .router import StarRouterMixin, is_star_router
 from .step import gha_step
@@ -26,6 +28,8 @@ __all__ = [
     "GHAStatistics",
     "HubUploadError",
     "NoRouterError",
+    "RoutingMonitor",
+    "StarCallback",
     "StarConfig",
     "StarRouterMixin",
     "TestTimeAdaptation",
@@ -40,6 +44,7 @@ __all__ = [
     "load_adapter",
     "patch_model",
     "push_to_hub",
+    "routing_report",
     "save_adapter",
     "save_pretrained",
     "stage_for_hub",

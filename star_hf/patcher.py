@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from ._generated import gate_host_class_for, star_class_for
 from .architectures import supported_architectures
+from .checkpoint_layout import attach_checkpoint_layout_hook, detach_checkpoint_layout_hook
 from .config import StarConfig
 from .discovery import RouterSite, _active_named_modules, scan_routers
 from .init import initial_tensors
@@ -40,6 +41,8 @@ _INSTANCE_STATE = (
     "_star_adaptation",
     "_star_skipped_host",
     "_star_skipped_pending",
+    "_star_pending_forwards",
+    "_star_pending_limit",
 )
 
 
@@ -180,6 +183,8 @@ def patch_model(model: nn.Module, config: StarConfig | None = None, *, allow_unv
         _convert(site, config, index)
     config.patched_modules = [s.path for s in sites]
     attach_mask_hooks(model, config.patched_modules)
+    # Trainer resume loads checkpoints with load_state_dict, which skips Transformers' key conversion.
+    attach_checkpoint_layout_hook(model)
     if (peft := _peft_integration()) is not None:
         # Adapters added before patching must save the new routers too.
         peft.add_routers_to_adapters(model)
@@ -224,6 +229,7 @@ def fold(model: nn.Module) -> nn.Module:
             module.__dict__.pop("_star_gate_name", None)
             module.__class__ = type(module)._star_base_class
     detach_mask_hooks(model)
+    detach_checkpoint_layout_hook(model)
     for hf_model in _hf_models(model):
         if hasattr(hf_model.config, "star_config"):
             del hf_model.config.star_config

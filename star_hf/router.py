@@ -184,8 +184,15 @@ class StarRouterMixin:
                 self._star_guarded_update(stats, self.star_config.gha_lr)
             elif self.__dict__.get("_star_stats") is None:
                 self._star_stats = stats
+                self._star_pending_forwards = 1
             else:
                 self._star_stats.add_(stats)
+                self._star_pending_forwards += 1
+                if self._star_pending_forwards > self.__dict__.get("_star_pending_limit", 1):
+                    # More forwards than one optimizer step has: maybe nothing calls gha_step.
+                    from .callback import check_statistics_pile_up
+
+                    check_statistics_pile_up(self)
 
     def _star_token_weight(self, x: torch.Tensor) -> torch.Tensor | None:
         if not self.star_config.mask_padding:

@@ -129,8 +129,10 @@ def _not_a_checkpoint(path_or_repo_id: str | os.PathLike) -> None:
         )
 
 
-def _checkpoint_files(path_or_repo_id: str | os.PathLike, hub: dict[str, Any], variant: str | None) -> list[str]:
-    """Local paths of the checkpoint's safetensors files (already cached by the model load)."""
+def _checkpoint_files(
+    path_or_repo_id: str | os.PathLike, hub: dict[str, Any], variant: str | None
+) -> tuple[list[str], list[str]]:
+    """Names of all safetensors files of the checkpoint, and local paths of those holding STAR tensors."""
     from transformers.utils import cached_file
 
     def find(name: str) -> str | None:
@@ -142,15 +144,34 @@ def _checkpoint_files(path_or_repo_id: str | os.PathLike, hub: dict[str, Any], v
         if not isinstance(weight_map, dict):
             raise CorruptFileError(f"checkpoint index {index} has no 'weight_map'.")
         folder = Path(index).parent
-        shards = sorted({f for k, f in weight_map.items() if is_star_key(k)})
-        return [find(f) or str(folder / f) for f in shards]
+        star_shards = sorted({f for k, f in weight_map.items() if is_star_key(k)})
+        return sorted(set(weight_map.values())), [find(f) or str(folder / f) for f in star_shards]
     single = find(_add_variant(_WEIGHTS, variant))
     if single is None:
         raise FileNotFoundError(
             f"{path_or_repo_id} has no {_add_variant(_WEIGHTS, variant)} or {_add_variant(_WEIGHTS_INDEX, variant)}: "
             "star_hf reads STAR tensors from safetensors checkpoints only (it never unpickles .bin files)."
         )
-    return [single]
+    return [Path(single).name], [single]
+
+
+def _unreadable(path_or_repo_id: str | os.PathLike, names: list[str], hub: dict[str, Any]) -> list[str]:
+    """The checkpoint files that are missing or whose safetensors header does not parse."""
+    from safetensors import SafetensorError, safe_open
+    from transformers.utils import cached_file
+
+    bad = []
+    for name in names:
+        try:
+            local = cached_file(path_or_repo_id, name, _raise_exceptions_for_missing_entries=False, **hub)
+            if local is None:
+                bad.append(f"{name} (missing)")
+                continue
+            with safe_open(local, framework="pt", device="cpu"):
+                pass
+        except (SafetensorError, OSError) as err:
+            bad.append(f"{name} ({err})")
+    return bad
 
 
 def _read_star_tensors(files: list[str]) -> dict[str, Any]:
@@ -241,21 +262,41 @@ def from_pretrained(
         star_config = StarConfig.from_dict(star_dict)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{path_or_repo_id}: invalid star_config in config.json: {err}") from None
-    files = _checkpoint_files(path_or_repo_id, hub, auto_kwargs.get("variant"))
+    all_files, star_files = _checkpoint_files(path_or_repo_id, hub, auto_kwargs.get("variant"))
     want_info = auto_kwargs.pop("output_loading_info", False)
+    cls = _model_class(config, model_class)
+    model, info = _load_stock(path_or_repo_id, cls, config, all_files, hub, auto_kwargs)
+    _restore_star_routers(model, star_config, star_files, str(path_or_repo_id), allow_unverified)
+    return (model, info) if want_info else model
 
-    with _held_load_report() as held:
-        model, info = _model_class(config, model_class).from_pretrained(
-            path_or_repo_id, config=config, output_loading_info=True, **auto_kwargs
-        )
+
+def _load_stock(
+    path_or_repo_id: str | os.PathLike, cls: Any, config: Any, all_files: list[str], hub: dict, auto_kwargs: dict
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Transformers' own load (the folded gates as stock routers), its report held back for STAR keys."""
+    try:
+        with _held_load_report() as held:
+            model, info = cls.from_pretrained(path_or_repo_id, config=config, output_loading_info=True, **auto_kwargs)
+    except Exception as err:
+        # Transformers' errors for a damaged shard do not say which file it is.
+        bad = _unreadable(path_or_repo_id, all_files, hub)
+        if bad:
+            raise CorruptFileError(f"checkpoint {path_or_repo_id} has unreadable files: {'; '.join(bad)}") from err
+        raise
     info = _without_star_keys(info)
     if _has_findings(info):
         _release(held)  # Transformers' report says more than the STAR keys: show it in full
+    return model, info
 
-    stored = _read_star_tensors(files)
+
+def _restore_star_routers(
+    model: nn.Module, star_config: StarConfig, star_files: list[str], source: str, allow_unverified: bool
+) -> None:
+    """Patch the stock model with the saved config and load the saved STAR tensors into its routers."""
+    stored = _read_star_tensors(star_files)
     if not stored:
         raise ValueError(
-            f"{path_or_repo_id} has a star_config but no STAR tensors: it was re-saved by plain Transformers, which "
+            f"{source} has a star_config but no STAR tensors: it was re-saved by plain Transformers, which "
             "keeps only the folded gates. Load it as a stock model (transformers' from_pretrained), or patch it anew."
         )
     _routers_resident(model, star_config)
@@ -270,11 +311,10 @@ def from_pretrained(
         problems += tensor_problems(path, router_shapes(router), grouped.get(path, {}))
     if problems:
         raise CorruptFileError(
-            f"the STAR tensors of {path_or_repo_id} do not match its star_config and architecture: " + "; ".join(problems)
+            f"the STAR tensors of {source} do not match its star_config and architecture: " + "; ".join(problems)
         )
     for path, router in routers.items():
         copy_router_tensors(router, grouped[path])
-    return (model, info) if want_info else model
 
 
 def _not_weights(name: str) -> bool:

@@ -198,6 +198,29 @@ def test_encoder_decoder_batches_of_input_ids_only():
         assert (model(**probe).logits - before).abs().max() <= 1e-5
 
 
+def test_calibrate_a_sharded_bf16_checkpoint_then_save_and_reload(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    BUILDERS["mixtral"]().save_pretrained(tmp_path / "base", max_shard_size="20KB")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.bfloat16, device_map="cpu")
+    patch_model(model)
+    probe = _batches("mixtral", count=1, seed=9)[0]
+    with torch.no_grad():
+        before = model(**probe).logits.float()
+    calibrate(model, _batches("mixtral"))
+    with torch.no_grad():
+        after = model(**probe).logits.float()
+    assert (after - before).abs().max() <= 0.05 * before.abs().max()  # bf16 round-off of the new W
+    for router in find_star_routers(model).values():
+        basis = router.star_basis
+        assert basis.dtype == torch.float32 and router.star_linear_weight.dtype == torch.bfloat16
+        assert torch.allclose(basis @ basis.t(), torch.eye(4), atol=1e-5)
+    star_hf.save_pretrained(model, tmp_path / "calibrated", max_shard_size="20KB")
+    loaded = star_hf.from_pretrained(tmp_path / "calibrated", dtype=torch.bfloat16)
+    for (p, a), b in zip(find_star_routers(model).items(), find_star_routers(loaded).values()):
+        assert torch.equal(a.star_basis, b.star_basis) and torch.equal(a.star_linear_weight, b.star_linear_weight), p
+
+
 def test_bad_input_is_refused_clearly():
     with pytest.raises(star_hf.NoRouterError, match="patch_model"):
         calibrate(BUILDERS["mixtral"](), [torch.zeros(1, 4, dtype=torch.long)])

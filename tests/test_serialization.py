@@ -91,7 +91,7 @@ def test_mixtral_checkpoint_keeps_the_original_key_layout(tmp_path):
     assert_same_star_state(star_state(model), star_state(loaded))
 
 
-@pytest.mark.parametrize("name", ["mixtral", "switch"])
+@pytest.mark.parametrize("name", ARCHS)
 def test_bf16_and_device_map(name, tmp_path):
     model = trained(name)
     model.save_pretrained(tmp_path, max_shard_size=SHARD)
@@ -105,6 +105,18 @@ def test_bf16_and_device_map(name, tmp_path):
     inputs = batch()
     reference = outputs(model, inputs)
     assert (outputs(loaded, inputs).float() - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+def test_partially_patched_checkpoint_round_trip(tmp_path):
+    model = trained("qwen2_moe", StarConfig(layers_to_transform=[1], logits_fp32=True, update="forward"))
+    model.save_pretrained(tmp_path, max_shard_size=SHARD)
+    loaded = from_pretrained(tmp_path)
+    assert list(find_star_routers(loaded)) == ["model.layers.1.mlp.gate"]
+    config = find_star_routers(loaded)["model.layers.1.mlp.gate"].star_config
+    assert config.layers_to_transform == [1] and config.logits_fp32 and config.update == "forward"
+    assert_same_star_state(star_state(model), star_state(loaded))
+    inputs = batch()
+    assert torch.equal(outputs(model, inputs), outputs(loaded, inputs))
 
 
 def test_fp32_protected_gate_keeps_float32_star_parameters_under_bf16(tmp_path):
@@ -170,6 +182,18 @@ def test_stock_checkpoint_and_adapter_folder_are_refused_clearly(tmp_path):
     star_hf.save_adapter(trained("mixtral"), tmp_path / "adapter")
     with pytest.raises(FileNotFoundError, match="load_adapter"):
         from_pretrained(tmp_path / "adapter")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_damaged_shard_is_named(tmp_path, damage):
+    trained("mixtral").save_pretrained(tmp_path, max_shard_size=SHARD)
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[2]
+    if damage == "missing":
+        shard.unlink()
+    else:
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(CorruptFileError, match=rf"unreadable files: {shard.name} \({damage if damage == 'missing' else ''}"):
+        from_pretrained(tmp_path)
 
 
 def test_checkpoint_with_missing_star_tensors_is_refused(tmp_path):

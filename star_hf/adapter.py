@@ -129,6 +129,42 @@ def _model_summary(hf_model: nn.Module) -> dict[str, Any]:
     }
 
 
+def _adapter_metadata(
+    model: nn.Module,
+    routers: "OrderedDict[str, StarRouterMixin]",
+    star_config: StarConfig,
+    base_model_name_or_path: str | None,
+    revision: str | None,
+) -> dict[str, Any]:
+    """The content of ``star_config.json``: format, STAR config, base model identity and routers."""
+    from . import __version__
+
+    _, hf_model = hf_root(model)
+    base = {
+        "name_or_path": base_model_name_or_path or getattr(hf_model.config, "_name_or_path", "") or None,
+        "revision": revision,
+        **_model_summary(hf_model),
+    }
+    routers_info = {
+        path: {
+            "class": type(router)._star_base_class.__name__,
+            "num_experts": router.star_linear_weight.shape[0],
+            "hidden_size": router.star_linear_weight.shape[1],
+            "num_components": router.star_mixing.shape[1],
+            "bias": router.star_linear_bias is not None,
+        }
+        for path, router in routers.items()
+    }
+    return {
+        "format": _FORMAT,
+        "format_version": _FORMAT_VERSION,
+        "star_hf_version": __version__,
+        "star_config": star_config.to_dict(),
+        "base_model": base,
+        "routers": routers_info,
+    }
+
+
 def save_adapter(
     model: nn.Module,
     save_directory: str | os.PathLike,
@@ -152,38 +188,14 @@ def save_adapter(
     routers = canonical_routers(model)
     if not routers:
         raise NoRouterError(f"{type(model).__name__} has no STAR routers to save (was it patched?).")
-    configs = {id(r.star_config): r.star_config for r in routers.values()}
+    configs = {r.star_config.to_json_string(): r.star_config for r in routers.values()}
     if len(configs) > 1:
-        raise ValueError("the STAR routers of this model carry different StarConfig objects; an adapter holds one config.")
-    star_config = next(iter(configs.values()))
-    _, hf_model = hf_root(model)
-    base = {
-        "name_or_path": base_model_name_or_path or getattr(hf_model.config, "_name_or_path", "") or None,
-        "revision": revision,
-        **_model_summary(hf_model),
-    }
-    router_info = {}
-    tensors = {}
-    for path, router in routers.items():
-        e, d = router.star_linear_weight.shape
-        router_info[path] = {
-            "class": type(router)._star_base_class.__name__,
-            "num_experts": e,
-            "hidden_size": d,
-            "num_components": router.star_mixing.shape[1],
-            "bias": router.star_linear_bias is not None,
-        }
-        for name, tensor in router_tensors(router).items():
-            tensors[f"{path}.{name}"] = tensor.detach().to("cpu").contiguous()
-    from . import __version__
-
-    meta = {
-        "format": _FORMAT,
-        "format_version": _FORMAT_VERSION,
-        "star_hf_version": __version__,
-        "star_config": star_config.to_dict(),
-        "base_model": base,
-        "routers": router_info,
+        raise ValueError("the STAR routers of this model carry different StarConfigs; an adapter holds one config.")
+    meta = _adapter_metadata(model, routers, next(iter(configs.values())), base_model_name_or_path, revision)
+    tensors = {
+        f"{path}.{name}": tensor.detach().to("cpu").contiguous()
+        for path, router in routers.items()
+        for name, tensor in router_tensors(router).items()
     }
     from safetensors.torch import save_file
 

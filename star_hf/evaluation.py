@@ -104,12 +104,12 @@ def principal_subspace(x: torch.Tensor, num_components: int) -> torch.Tensor:
     This is the subspace Sanger's rule converges to (STAR.md §2), the reference for
     :func:`subspace_alignment`.
     """
+    from .calibration import principal_basis
+
     x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
     if not 1 <= num_components <= x.shape[-1]:
         raise ValueError(f"num_components must be in [1, {x.shape[-1]}], got {num_components}.")
-    second_moment = x.t() @ x / x.shape[0]
-    _, vectors = torch.linalg.eigh(second_moment)  # ascending eigenvalues
-    return vectors[:, -num_components:].flip(-1).t().contiguous()
+    return principal_basis(x.t() @ x / x.shape[0], num_components)
 
 
 def subspace_alignment(basis: torch.Tensor, reference: torch.Tensor) -> float:
@@ -177,6 +177,8 @@ class LMEvaluation:
     predicted_tokens: int
     top1: "OrderedDict[str, torch.Tensor]"  # router path -> top-1 expert of every non-padding token, in order
     load: "OrderedDict[str, torch.Tensor]"  # router path -> top-k assignments per expert (float64)
+    # router path -> uncentred second moment E[x xᵀ] of the router's inputs (float64), if requested
+    input_moment: "OrderedDict[str, torch.Tensor] | None" = None
 
     @property
     def perplexity(self) -> float:
@@ -201,7 +203,9 @@ def _model_top_k(model: nn.Module, gates: "OrderedDict[str, nn.Module]") -> int:
     raise ValueError("cannot tell how many experts each token goes to; pass top_k= explicitly.")
 
 
-def evaluate_causal_lm(model: nn.Module, batches: Iterable[dict | torch.Tensor], top_k: int | None = None) -> LMEvaluation:
+def evaluate_causal_lm(
+    model: nn.Module, batches: Iterable[dict | torch.Tensor], top_k: int | None = None, input_moments: bool = False
+) -> LMEvaluation:
     """Loss and routing of ``model`` on ``batches`` (eval mode, no gradients; the mode is restored).
 
     Each batch is an ``input_ids`` tensor or a dict with ``input_ids`` and optionally
@@ -209,7 +213,9 @@ def evaluate_causal_lm(model: nn.Module, batches: Iterable[dict | torch.Tensor],
     tokens that follow a padding position are not predicted.
     Routing is read with :func:`record_router_logits` for stock and STAR routers alike; padding
     tokens are left out. ``top_k`` (experts per token, for the load) defaults to the router's or the
-    config's ``num_experts_per_tok``.
+    config's ``num_experts_per_tok``. ``input_moments`` also returns each router's uncentred input
+    second moment, whose top eigenvectors are what a STAR basis should track
+    (``subspace_alignment(router.star_basis, principal_basis(moment, R))``).
     """
     gates = gate_modules(model)
     if not gates:
@@ -218,10 +224,11 @@ def evaluate_causal_lm(model: nn.Module, batches: Iterable[dict | torch.Tensor],
     total_loss, total_tokens = 0.0, 0
     top1: dict[str, list[torch.Tensor]] = {p: [] for p in gates}
     load: dict[str, torch.Tensor] = {}
+    moments: dict[str, list[torch.Tensor]] = {p: [] for p in gates}
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), record_router_logits(gates) as recorded:
+        with torch.no_grad(), record_router_logits(gates) as recorded, _record_inputs(gates, input_moments) as inputs_seen:
             for batch in batches:
                 batch = _batch_dict(batch)
                 ids = batch["input_ids"]
@@ -229,10 +236,10 @@ def evaluate_causal_lm(model: nn.Module, batches: Iterable[dict | torch.Tensor],
                 labels = batch.get("labels", ids).clone()
                 if mask is not None:
                     labels[mask == 0] = -100
-                for logs in recorded.values():
+                for logs in (*recorded.values(), *inputs_seen.values()):
                     logs.clear()
-                inputs = {key: batch[key] for key in ("input_ids", "attention_mask") if key in batch}
-                logits = model(**inputs).logits
+                model_inputs = {key: batch[key] for key in ("input_ids", "attention_mask") if key in batch}
+                logits = model(**model_inputs).logits
                 target = labels[:, 1:]
                 if mask is not None:
                     # A token is predicted only from a real (non-padding) position.
@@ -254,13 +261,46 @@ def evaluate_causal_lm(model: nn.Module, batches: Iterable[dict | torch.Tensor],
                     chosen = router_logits.topk(k, dim=-1).indices.reshape(-1)
                     counts = torch.bincount(chosen, minlength=router_logits.shape[-1]).to(torch.float64)
                     load[path] = counts if path not in load else load[path] + counts
+                for path, seen in inputs_seen.items():
+                    x = seen[0].reshape(-1, seen[0].shape[-1]).double().cpu()
+                    if keep is not None:
+                        x = x[keep]
+                    moments[path].append(x.t() @ x)
     finally:
         model.train(was_training)
     if total_tokens == 0:
         raise ValueError("the evaluation batches contain no token to predict.")
+    top1_all = OrderedDict((p, torch.cat(v)) for p, v in top1.items())
+    moment = None
+    if input_moments:
+        moment = OrderedDict((p, torch.stack(v).sum(0) / top1_all[p].numel()) for p, v in moments.items())
     return LMEvaluation(
         loss=total_loss / total_tokens,
         predicted_tokens=total_tokens,
-        top1=OrderedDict((p, torch.cat(v)) for p, v in top1.items()),
+        top1=top1_all,
         load=OrderedDict((p, load[p]) for p in gates),
+        input_moment=moment,
     )
+
+
+@contextlib.contextmanager
+def _record_inputs(gates: "OrderedDict[str, nn.Module]", enabled: bool) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """The first input of every gate forward (the router input), per path; nothing when disabled."""
+    if not enabled:
+        yield {}
+        return
+    seen: dict[str, list[torch.Tensor]] = {path: [] for path in gates}
+
+    def hook_for(path: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = args[0] if args else next(v for k, v in kwargs.items() if k in ("hidden_states", "input", "x"))
+            seen[path].append(x.detach())
+
+        return hook
+
+    handles = [gate.register_forward_pre_hook(hook_for(path), with_kwargs=True) for path, gate in gates.items()]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -162,3 +162,19 @@ def test_evaluate_causal_lm_leaves_padding_out(mixtral):
         assert row.top1[path].tolist() == result.top1[path][:6].tolist()
     with pytest.raises(ValueError, match="input_ids"):
         evaluate_causal_lm(mixtral, [{"attention_mask": mask}])
+
+
+def test_evaluate_causal_lm_input_moments(mixtral):
+    from star_hf.evaluation import evaluate_causal_lm
+
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [0, 0, 11, 12, 13, 14]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+    gate = mixtral.model.layers[1].mlp.gate
+    seen = []
+    handle = gate.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().reshape(-1, 32)))
+    result = evaluate_causal_lm(mixtral, [{"input_ids": ids, "attention_mask": mask}], input_moments=True)
+    handle.remove()
+    x = seen[0][mask.reshape(-1).bool()].double()  # the 10 real tokens
+    expected = sum(torch.outer(row, row) for row in x) / 10
+    torch.testing.assert_close(result.input_moment["model.layers.1.mlp.gate"], expected)
+    assert evaluate_causal_lm(mixtral, [ids]).input_moment is None

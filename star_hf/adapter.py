@@ -110,6 +110,19 @@ def tensor_problems(where: str, shapes: dict[str, tuple[int, ...]], tensors: dic
     return problems
 
 
+def check_resident(model: nn.Module, star_config: StarConfig) -> None:
+    """Refuse routers that a device_map offloaded (meta weights): tensors copied into them would be lost."""
+    offloaded = [p for p, r in find_star_routers(model).items() if r.star_linear_weight.is_meta]
+    sites = [s for s in scan_routers(model)[0] if not isinstance(s.gate, StarRouterMixin)]
+    selected = [s for s in sites if star_config.selects(s.path) or star_config.selects(s.router_path)]
+    offloaded += [s.path for s in selected if s.gate.weight.is_meta]
+    if offloaded:
+        raise ValueError(
+            f"routers {offloaded} were offloaded by the device_map (their weights stay on the meta device); STAR "
+            "routers must be resident. Use a device_map that keeps the routers on a device (e.g. device_map='cpu')."
+        )
+
+
 def copy_router_tensors(router: StarRouterMixin, tensors: dict[str, torch.Tensor]) -> None:
     """Load checked tensors into a STAR router, keeping each tensor's own dtype (basis: float32) and device."""
     with torch.no_grad():
@@ -371,6 +384,7 @@ def load_adapter(
                 + "; ".join(differences)
                 + ". Load the adapter into a stock base model, or star_hf.fold(model) first."
             )
+        check_resident(base_model, star_config)
         routers = canonical_routers(base_model)
     else:
         differences = _stock_differences(base_model, meta, star_config)
@@ -380,6 +394,7 @@ def load_adapter(
                 f"STAR adapter {source} does not fit this {type(base_model).__name__}"
                 f"{f' (it was saved from {name!r})' if name else ''}: " + "; ".join(differences) + "."
             )
+        check_resident(base_model, star_config)
         patch_model(base_model, star_config, allow_unverified=allow_unverified)
         routers = canonical_routers(base_model)
     for path, router in routers.items():

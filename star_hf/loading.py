@@ -29,6 +29,7 @@ from .adapter import (
     ADAPTER_CONFIG_NAME,
     STAR_TENSOR_NAMES,
     canonical_routers,
+    check_resident,
     copy_router_tensors,
     router_shapes,
     tensor_problems,
@@ -206,18 +207,6 @@ def _to_model_keys(model: nn.Module, checkpoint_keys: list[str]) -> dict[str, st
     return {k: rename_source_key(k, renamings, converters, model.base_model_prefix, own)[0] for k in checkpoint_keys}
 
 
-def _routers_resident(model: nn.Module, star_config: StarConfig) -> None:
-    from .discovery import scan_routers
-
-    sites, _ = scan_routers(model)
-    offloaded = [s.path for s in sites if s.gate.weight.is_meta and star_config.selects(s.path)]
-    if offloaded:
-        raise ValueError(
-            f"routers {offloaded} were offloaded by the device_map (their weights stay on the meta device); STAR "
-            "routers must be resident. Use a device_map that keeps the routers on a device (e.g. device_map='cpu')."
-        )
-
-
 # ----------------------------------------------------------------------------------- public API
 def from_pretrained(
     path_or_repo_id: str | os.PathLike,
@@ -299,7 +288,7 @@ def _restore_star_routers(
             f"{source} has a star_config but no STAR tensors: it was re-saved by plain Transformers, which "
             "keeps only the folded gates. Load it as a stock model (transformers' from_pretrained), or patch it anew."
         )
-    _routers_resident(model, star_config)
+    check_resident(model, star_config)
     patch_model(model, star_config, allow_unverified=allow_unverified)
     routers = canonical_routers(model)
     grouped: dict[str, dict[str, Any]] = {}

@@ -9,6 +9,15 @@ from star_hf import StarConfig, find_star_routers, patch_model
 from .conftest import tiny_mixtral, tiny_qwen2_moe, tiny_switch
 
 BUILDERS = {"mixtral": tiny_mixtral, "qwen2_moe": tiny_qwen2_moe, "switch": tiny_switch}
+# A device_map for the tiny causal LMs that offloads layer 1 (and so its router) to disk.
+LAYER_1_ON_DISK = {
+    "model.embed_tokens": "cpu",
+    "model.layers.0": "cpu",
+    "model.layers.1": "disk",
+    "model.norm": "cpu",
+    "model.rotary_emb": "cpu",
+    "lm_head": "cpu",
+}
 
 
 def batch(seed: int = 1, size: tuple[int, int] = (2, 12), pad: int = 3) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 import star_hf
 from star_hf import AdapterMismatchError, CorruptFileError, StarConfig, find_star_routers, load_adapter, save_adapter
 
-from .serialization_utils import BUILDERS, assert_same_star_state, batch, outputs, star_state, trained
+from .serialization_utils import BUILDERS, LAYER_1_ON_DISK, assert_same_star_state, batch, outputs, star_state, trained
 
 ARCHS = list(BUILDERS)
 
@@ -145,6 +145,15 @@ def test_partial_adapter_patches_only_its_layers(tmp_path):
     assert list(find_star_routers(base)) == ["model.layers.1.mlp.gate"]
     inputs = batch()
     assert torch.equal(outputs(base, inputs), outputs(model, inputs))
+
+
+def test_adapter_into_a_base_with_offloaded_routers_is_refused(tmp_path):
+    save_adapter(trained("mixtral"), tmp_path / "adapter")
+    BUILDERS["mixtral"]().save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", device_map=LAYER_1_ON_DISK, offload_folder=str(tmp_path / "off"))
+    with pytest.raises(ValueError, match=r"\['model\.layers\.1\.mlp\.gate'\] were offloaded"):
+        load_adapter(base, tmp_path / "adapter")
+    assert not find_star_routers(base)
 
 
 # ------------------------------------------------------------------------------ already patched

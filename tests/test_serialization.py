@@ -21,7 +21,7 @@ import star_hf
 from star_hf import StarConfig, find_star_routers, fold, from_pretrained, patch_model
 from star_hf.io import CorruptFileError, atomic_directory, read_json, read_safetensors
 
-from .serialization_utils import BUILDERS, assert_same_star_state, batch, outputs, star_state, trained
+from .serialization_utils import BUILDERS, LAYER_1_ON_DISK, assert_same_star_state, batch, outputs, star_state, trained
 
 ARCHS = list(BUILDERS)
 SHARD = "20KB"  # tiny models: several shards each
@@ -117,6 +117,12 @@ def test_partially_patched_checkpoint_round_trip(tmp_path):
     assert_same_star_state(star_state(model), star_state(loaded))
     inputs = batch()
     assert torch.equal(outputs(model, inputs), outputs(loaded, inputs))
+
+
+def test_routers_offloaded_by_the_device_map_are_refused(tmp_path):
+    trained("mixtral").save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match=r"routers \['model\.layers\.1\.mlp\.gate'\] were offloaded"):
+        from_pretrained(tmp_path / "ckpt", device_map=LAYER_1_ON_DISK, offload_folder=str(tmp_path / "offload"))
 
 
 def test_fp32_protected_gate_keeps_float32_star_parameters_under_bf16(tmp_path):

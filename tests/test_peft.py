@@ -297,35 +297,44 @@ def test_custom_loop_save_and_restore_on_a_freshly_patched_base(name, tmp_path):
     assert_routers_out_of_lora(trainable)
 
 
-def test_trainer_with_star_callback_trains_saves_and_restores(tmp_path):
+def test_trainer_with_star_callback_trains_resumes_saves_and_restores(tmp_path):
     from transformers import Trainer, TrainingArguments
 
     from star_hf import StarCallback
 
-    peft_model = lora(patched("mixtral", StarConfig(gha_lr=0.05)), target_modules=["q_proj", "v_proj"])
-    initial = {p: router_state(r) for p, r in find_star_routers(peft_model).items()}
-    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(1, 128, (8, 12), generator=torch.Generator().manual_seed(3))]
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "run"),
-        max_steps=3,
-        per_device_train_batch_size=2,
-        learning_rate=1e-2,
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-    )
-    trainer = Trainer(model=peft_model, args=args, train_dataset=data, callbacks=[StarCallback()])
-    optimized = {id(p) for group in trainer.create_optimizer().param_groups for p in group["params"]}
-    for router in find_star_routers(peft_model).values():
-        assert all(id(getattr(router, n)) in optimized for n in TRAINED_BY_GRADIENT)
-    trainer.train()
-    peft_model.save_pretrained(tmp_path / "adapter")
+    def run(resume: bool) -> PeftModel:
+        peft_model = lora(patched("mixtral", StarConfig(gha_lr=0.05)), target_modules=["q_proj", "v_proj"])
+        g = torch.Generator().manual_seed(3)
+        data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(1, 128, (8, 12), generator=g)]
+        args = TrainingArguments(
+            output_dir=str(tmp_path / ("resumed" if resume else "run")),
+            max_steps=4,
+            per_device_train_batch_size=2,
+            learning_rate=1e-2,
+            use_cpu=True,
+            report_to=[],
+            save_strategy="no" if resume else "steps",
+            save_steps=2,
+            logging_steps=1,
+            disable_tqdm=True,
+        )
+        trainer = Trainer(model=peft_model, args=args, train_dataset=data, callbacks=[StarCallback()])
+        if not resume:
+            optimized = {id(p) for group in trainer.create_optimizer().param_groups for p in group["params"]}
+            for router in find_star_routers(peft_model).values():
+                assert all(id(getattr(router, n)) in optimized for n in TRAINED_BY_GRADIENT)
+        trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2") if resume else None)
+        return peft_model.eval()
 
+    untrained = lora(patched("mixtral", StarConfig(gha_lr=0.05)), target_modules=["q_proj"])
+    initial = {p: router_state(r) for p, r in find_star_routers(untrained).items()}
+    trained = run(resume=False)
+    # Trainer checkpoints of a PeftModel are adapters: they carry the routers, so a resume is exact.
+    assert_adapter_restored(trained, run(resume=True), "mixtral", initial)
+
+    trained.save_pretrained(tmp_path / "adapter")
     restored = PeftModel.from_pretrained(patched("mixtral", StarConfig(gha_lr=0.05)), tmp_path / "adapter")
-    peft_model.eval()
-    assert_adapter_restored(peft_model, restored, "mixtral", initial)
+    assert_adapter_restored(trained, restored, "mixtral", initial)
 
 
 def test_each_adapter_trains_its_own_router_copies():

@@ -40,7 +40,7 @@ __all__ = [
     "router_module_paths",
 ]
 
-STAR_TENSOR_NAMES = STAR_PARAMETER_NAMES + STAR_BUFFER_NAMES
+_STAR_TENSOR_NAMES = STAR_PARAMETER_NAMES + STAR_BUFFER_NAMES
 _GHA_ONLY_FROZEN = ("star_linear_weight", "star_linear_bias", "star_alpha")
 _WRAPPER_SEGMENTS = (".original_module", ".modules_to_save.")
 
@@ -182,13 +182,11 @@ def _wire_router_copies(model: nn.Module) -> None:
 
 def _hf_root_and_adapters(model: nn.Module):
     """(model the adapters were injected into, {adapter name: config}, active adapter names) or None."""
-    if isinstance(model, PeftModel):
-        tuner = model.base_model
-        if not isinstance(tuner, BaseTuner):
-            return None
+    # PeftModel / PeftMixedModel hold a tuner as ``base_model`` (a Transformers model's ``base_model``
+    # is its inner model instead); prompt-learning PeftModels hold none.
+    tuner = model if isinstance(model, BaseTuner) else getattr(model, "base_model", None)
+    if isinstance(tuner, BaseTuner):
         return tuner.model, tuner.peft_config, list(tuner.active_adapters)
-    if isinstance(model, BaseTuner):
-        return model.model, model.peft_config, list(model.active_adapters)
     configs = getattr(model, "peft_config", None)
     if isinstance(configs, dict) and configs and any(isinstance(m, BaseTunerLayer) for m in model.modules()):
         # Transformers' PEFT integration (``model.add_adapter``): the adapters live in the model itself.
@@ -250,7 +248,7 @@ def refuse_adapted_routers(model: nn.Module, router_paths: list[str]) -> None:
 
 def _warn_if_star_routers_dropped(model_id, load_result) -> None:
     """An adapter saved with STAR routers, loaded into a model that was not patched, loses them."""
-    dropped = [k for k in getattr(load_result, "unexpected_keys", []) if k.rpartition(".")[2] in STAR_TENSOR_NAMES]
+    dropped = [k for k in getattr(load_result, "unexpected_keys", []) if k.rpartition(".")[2] in _STAR_TENSOR_NAMES]
     if dropped:
         warnings.warn(
             f"star_hf: the adapter {str(model_id)!r} holds trained STAR routers ({len(dropped)} tensors, e.g. "

@@ -95,7 +95,8 @@ def _install(tmp: Path, target: Path) -> None:
     if not target.exists():
         os.rename(tmp, target)
     elif _exchange(tmp, target):
-        shutil.rmtree(tmp)  # now holds the previous folder
+        # tmp now holds the previous folder; the save is complete even if its removal fails.
+        shutil.rmtree(tmp, ignore_errors=True)
     else:
         old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:12]}")
         os.rename(target, old)
@@ -104,7 +105,7 @@ def _install(tmp: Path, target: Path) -> None:
         except BaseException:
             os.rename(old, target)
             raise
-        shutil.rmtree(old)
+        shutil.rmtree(old, ignore_errors=True)
     _fsync_path(target.parent)
 
 

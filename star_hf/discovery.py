@@ -74,10 +74,11 @@ def _active_named_modules(model: nn.Module, prefix: str = ""):
     yield prefix, model
     children = dict(model.named_children())
     if "original_module" in children and "modules_to_save" in children:
-        if getattr(model, "disable_adapters", False):
+        active = model.active_adapter if isinstance(model.active_adapter, str) else next(iter(model.active_adapter), None)
+        # Like the wrapper's forward: the original runs when adapters are off or none of its copies is active.
+        if getattr(model, "disable_adapters", False) or active not in model.modules_to_save:
             children = {"original_module": children["original_module"]}
         else:
-            active = model.active_adapter if isinstance(model.active_adapter, str) else model.active_adapter[0]
             children = {f"modules_to_save.{active}": model.modules_to_save[active]}
     for name, child in children.items():
         yield from _active_named_modules(child, f"{prefix}.{name}" if prefix else name)

@@ -371,6 +371,22 @@ def test_patching_a_peft_wrapped_model_saves_its_routers_with_the_adapter(tmp_pa
     assert_adapter_restored(peft_model, PeftModel.from_pretrained(patched("mixtral"), tmp_path), "mixtral", initial)
 
 
+def test_patching_a_model_with_several_adapters_gives_each_its_router_copies():
+    peft_model = lora(tiny_mixtral(), target_modules=["q_proj"])
+    peft_model.add_adapter("second", LoraConfig(r=2, target_modules=["v_proj"]))
+    peft_model.set_adapter("second")
+    patch_model(peft_model)
+    paths = ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
+    assert all(config.modules_to_save == paths for config in peft_model.peft_config.values())
+    assert all(p.endswith(".modules_to_save.second") for p in find_star_routers(peft_model))
+    assert_routers_out_of_lora(peft_model)
+    peft_model.set_adapter("default")
+    assert all(p.endswith(".modules_to_save.default") for p in find_star_routers(peft_model))
+    # A wrapper whose copies are all inactive runs its original, and that is the router reported.
+    peft_model.base_model.model.model.layers[0].mlp.gate.set_adapter([])
+    assert list(find_star_routers(peft_model))[0].endswith("layers.0.mlp.gate.original_module")
+
+
 def test_patching_refuses_routers_peft_already_adapted():
     # Added before patching, "all-linear" puts a LoRA layer on Mixtral's router weight.
     peft_model = lora(tiny_mixtral(), target_modules="all-linear")

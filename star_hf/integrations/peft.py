@@ -213,14 +213,18 @@ def add_routers_to_adapters(model: nn.Module) -> None:
             parent_path, _, child_name = path.rpartition(".")
             parent = root.get_submodule(parent_path)
             target = getattr(parent, child_name)
-            # The same steps as PEFT's own ``set_additional_trainable_modules`` for one module.
-            if isinstance(target, ModulesToSaveWrapper):
-                target.update(adapter_name)
-                target.set_adapter(target.active_adapter, inference_mode=config.inference_mode)
-            else:
+            # What PEFT's ``set_additional_trainable_modules`` does for one module, except that the model's
+            # active adapter ends up active here whatever order the adapters come in.
+            created = not isinstance(target, ModulesToSaveWrapper)
+            if created:
                 target = ModulesToSaveWrapper(target, adapter_name)
-                target.set_adapter(adapter_name if adapter_name in active else [], inference_mode=config.inference_mode)
                 setattr(parent, child_name, target)
+            else:
+                target.update(adapter_name)
+            if adapter_name in active:
+                target.set_adapter(adapter_name, inference_mode=config.inference_mode)
+            elif created:
+                target.set_adapter([], inference_mode=config.inference_mode)
     _wire_router_copies(root)
 
 

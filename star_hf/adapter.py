@@ -65,7 +65,9 @@ def canonical_routers(model: nn.Module) -> "OrderedDict[str, StarRouterMixin]":
     return OrderedDict((canonical_path(p, prefix), r) for p, r in find_star_routers(model).items())
 
 
-def expected_shapes(num_experts: int, hidden_size: int, num_components: int, has_bias: bool) -> dict[str, tuple[int, ...]]:
+def expected_shapes(
+    num_experts: int, hidden_size: int, num_components: int, has_bias: bool
+) -> dict[str, tuple[int, ...]]:
     """Name → shape of the tensors of one STAR router."""
     shapes = {
         "star_linear_weight": (num_experts, hidden_size),
@@ -246,7 +248,9 @@ def _adapter_files(dir_or_repo_id: str | os.PathLike, revision: str | None, hub_
     return paths[0], paths[1]
 
 
-def _read_adapter(config_file: Path, weights_file: Path) -> tuple[dict[str, Any], StarConfig, dict[str, dict[str, torch.Tensor]]]:
+def _read_adapter(
+    config_file: Path, weights_file: Path
+) -> tuple[dict[str, Any], StarConfig, dict[str, dict[str, torch.Tensor]]]:
     meta = read_json(config_file, "STAR adapter config")
     if meta.get("format") != _FORMAT or not isinstance(meta.get("routers"), dict) or "star_config" not in meta:
         raise CorruptFileError(
@@ -266,7 +270,8 @@ def _read_adapter(config_file: Path, weights_file: Path) -> tuple[dict[str, Any]
         fields_ok = isinstance(info, dict) and all(isinstance(info.get(k), int) for k in _ROUTER_FIELDS)
         if not fields_ok or not isinstance(info.get("bias"), bool):
             raise CorruptFileError(
-                f"{config_file}: router {path!r} must list {', '.join(_ROUTER_FIELDS)} (integers) and bias (true/false)."
+                f"{config_file}: router {path!r} must list {', '.join(_ROUTER_FIELDS)} (integers) "
+                "and bias (true/false)."
             )
     tensors, _ = read_safetensors(weights_file, "STAR adapter weights")
     grouped = group_by_router(tensors)
@@ -303,7 +308,11 @@ def _stock_differences(model: nn.Module, meta: dict[str, Any], star_config: Star
     differences = _base_differences(model, meta)
     prefix, _ = hf_root(model)
     sites, _ = scan_routers(model)
-    sites = {canonical_path(s.path, prefix): s for s in sites if star_config.selects(s.path) or star_config.selects(s.router_path)}
+    sites = {
+        canonical_path(s.path, prefix): s
+        for s in sites
+        if star_config.selects(s.path) or star_config.selects(s.router_path)
+    }
     routers = meta["routers"]
     missing = [p for p in routers if p not in sites]
     extra = [p for p in sites if p not in routers]

@@ -82,7 +82,9 @@ def _model_inputs(model: nn.Module, batch: Any, accepted: set[str]) -> dict[str,
     if isinstance(batch, torch.Tensor):
         batch = {"input_ids": batch}
     if not isinstance(batch, Mapping):
-        raise TypeError(f"calibration batches must be input_ids tensors or dicts of model inputs, got {type(batch).__name__}.")
+        raise TypeError(
+            f"calibration batches must be input_ids tensors or dicts of model inputs, got {type(batch).__name__}."
+        )
     device = _input_device(model)
     inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     config = getattr(model, "config", None)
@@ -130,7 +132,9 @@ def _set_basis(router: StarRouterMixin, basis: torch.Tensor, preserve: bool) -> 
     router.star_reset_statistics()  # pending statistics were taken against the old basis
 
 
-def calibrate(model: nn.Module, batches: Iterable[Any], *, max_batches: int | None = None, preserve: bool = True) -> nn.Module:
+def calibrate(
+    model: nn.Module, batches: Iterable[Any], *, max_batches: int | None = None, preserve: bool = True
+) -> nn.Module:
     """Set every STAR router's basis to the principal subspace of its inputs on ``batches``.
 
     Args:
@@ -146,7 +150,9 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, max_batches: int | No
         matrix per router on its device while the batches run. Under ``torch.distributed`` the
         moments are summed over ranks, so every rank sets the same bases.
     """
-    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1):
+    if max_batches is not None and (
+        isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
+    ):
         raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}.")
     routers = find_star_routers(model)
     _check(routers, preserve)

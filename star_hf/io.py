@@ -110,9 +110,7 @@ def _install(tmp: Path, target: Path) -> None:
 
 
 @contextmanager
-def atomic_directory(
-    path: str | os.PathLike, *, keep_existing: bool | Callable[[str], bool] = False
-) -> Iterator[Path]:
+def atomic_directory(path: str | os.PathLike, *, keep_existing: bool | Callable[[str], bool] = False) -> Iterator[Path]:
     """Write a folder atomically: yields an empty temporary folder, then renames it to ``path``.
 
     Args:
@@ -165,7 +163,9 @@ def read_json(path: str | os.PathLike, what: str = "file") -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CorruptFileError(f"{what} {path} is not valid JSON ({err}); the file is corrupt or was cut short.") from None
+        raise CorruptFileError(
+            f"{what} {path} is not valid JSON ({err}); the file is corrupt or was cut short."
+        ) from None
     if not isinstance(data, dict):
         raise CorruptFileError(f"{what} {path} must hold a JSON object, found {type(data).__name__}.")
     return data

@@ -295,7 +295,9 @@ def _restore_star_routers(
     for ckpt_key, model_key in _to_model_keys(model, list(stored)).items():
         path, _, name = model_key.rpartition(".")
         grouped.setdefault(path, {})[name] = stored[ckpt_key]
-    problems = [f"STAR tensors for {p}, which is not a STAR router of the loaded model" for p in grouped if p not in routers]
+    problems = [
+        f"STAR tensors for {p}, which is not a STAR router of the loaded model" for p in grouped if p not in routers
+    ]
     for path, router in routers.items():
         problems += tensor_problems(path, router_shapes(router), grouped.get(path, {}))
     if problems:

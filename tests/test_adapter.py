@@ -60,12 +60,18 @@ def test_adapter_config_describes_the_base_model(tmp_path):
     }
     assert meta["star_config"] == model.config.star_config
     assert meta["routers"]["model.layers.0.mlp.gate"] == {
-        "class": "MixtralTopKRouter", "num_experts": 4, "hidden_size": 32, "num_components": 4, "bias": False
+        "class": "MixtralTopKRouter",
+        "num_experts": 4,
+        "hidden_size": 32,
+        "num_components": 4,
+        "bias": False,
     }
     tensors, _ = star_hf.io.read_safetensors(tmp_path / "star_adapter.safetensors")
     # in-memory module naming (not the checkpoint's block_sparse_moe layout)
     assert sorted(tensors) == sorted(
-        f"model.layers.{i}.mlp.gate.{n}" for i in (0, 1) for n in ("star_alpha", "star_basis", "star_linear_weight", "star_mixing")
+        f"model.layers.{i}.mlp.gate.{n}"
+        for i in (0, 1)
+        for n in ("star_alpha", "star_basis", "star_linear_weight", "star_mixing")
     )
 
 
@@ -112,7 +118,10 @@ def test_float32_adapter_into_bf16_base_casts_parameters_and_keeps_a_float32_bas
     [
         (lambda: BUILDERS["qwen2_moe"](), r"architecture \(model_type\): adapter 'mixtral', model 'qwen2_moe'"),
         (lambda: BUILDERS["mixtral"](hidden_size=48), r"hidden size: adapter 32, model 48"),
-        (lambda: BUILDERS["mixtral"](num_local_experts=8), r"model\.layers\.0\.mlp\.gate expert count: adapter 4, model 8"),
+        (
+            lambda: BUILDERS["mixtral"](num_local_experts=8),
+            r"model\.layers\.0\.mlp\.gate expert count: adapter 4, model 8",
+        ),
         (lambda: BUILDERS["mixtral"](num_hidden_layers=3), r"number of layers: adapter 2, model 3"),
     ],
     ids=["architecture", "hidden-size", "experts", "layers"],
@@ -150,7 +159,9 @@ def test_partial_adapter_patches_only_its_layers(tmp_path):
 def test_adapter_into_a_base_with_offloaded_routers_is_refused(tmp_path):
     save_adapter(trained("mixtral"), tmp_path / "adapter")
     BUILDERS["mixtral"]().save_pretrained(tmp_path / "base")
-    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", device_map=LAYER_1_ON_DISK, offload_folder=str(tmp_path / "off"))
+    base = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", device_map=LAYER_1_ON_DISK, offload_folder=str(tmp_path / "off")
+    )
     with pytest.raises(ValueError, match=r"\['model\.layers\.1\.mlp\.gate'\] were offloaded"):
         load_adapter(base, tmp_path / "adapter")
     assert not find_star_routers(base)
@@ -177,7 +188,11 @@ def test_adapter_into_a_patched_model_with_another_config_is_refused(tmp_path):
     save_adapter(trained("mixtral", StarConfig(num_components=3, gha_lr=1e-3)), tmp_path)
     other = trained("mixtral", StarConfig(num_components=2))
     before = _state(other)
-    with pytest.raises(AdapterMismatchError, match=r"already patched.*gha_lr: adapter 0.001, model 5e-05; StarConfig.num_components: adapter 3, model 2\. Load"):
+    with pytest.raises(
+        AdapterMismatchError,
+        match=r"already patched.*gha_lr: adapter 0.001, model 5e-05; "
+        r"StarConfig.num_components: adapter 3, model 2\. Load",
+    ):
         load_adapter(other, tmp_path)
     assert _unchanged(other, before)
 
@@ -194,7 +209,10 @@ def test_repo_id_goes_through_hf_hub_download(tmp_path, monkeypatch):
 
     monkeypatch.setattr("huggingface_hub.hf_hub_download", fake_download)
     base = load_adapter(BUILDERS["switch"](), "org/star-switch", revision="r1", token="t")
-    assert [c[:2] for c in calls] == [("org/star-switch", "star_config.json"), ("org/star-switch", "star_adapter.safetensors")]
+    assert [c[:2] for c in calls] == [
+        ("org/star-switch", "star_config.json"),
+        ("org/star-switch", "star_adapter.safetensors"),
+    ]
     assert all(c[2] == {"revision": "r1", "token": "t"} for c in calls)
     assert_same_star_state(star_state(model), star_state(base))
 
@@ -205,7 +223,9 @@ def test_failed_download_says_what_failed(monkeypatch):
 
     monkeypatch.setattr("huggingface_hub.hf_hub_download", offline)
     base = BUILDERS["mixtral"]()
-    with pytest.raises(OSError, match=r"downloading star_config\.json from the Hugging Face Hub repo 'org/x'.*no network"):
+    with pytest.raises(
+        OSError, match=r"downloading star_config\.json from the Hugging Face Hub repo 'org/x'.*no network"
+    ):
         load_adapter(base, "org/x")
     assert not find_star_routers(base)
 
@@ -252,7 +272,11 @@ def _broken_adapter(tmp_path: Path, how: str) -> Path:
         ("truncated-weights", CorruptFileError, r"star_adapter\.safetensors is not a readable safetensors file"),
         ("bad-json", CorruptFileError, r"star_config\.json is not valid JSON"),
         ("not-an-adapter", CorruptFileError, r"star_config\.json is not a star_hf adapter config"),
-        ("unknown-star-field", CorruptFileError, r"invalid star_config: Unknown StarConfig field\(s\) \['gha_learning_rate'\]"),
+        (
+            "unknown-star-field",
+            CorruptFileError,
+            r"invalid star_config: Unknown StarConfig field\(s\) \['gha_learning_rate'\]",
+        ),
         ("router-fields", CorruptFileError, r"router 'model\.layers\.1\.mlp\.gate' must list num_experts"),
         ("mismatched-pair", CorruptFileError, r"star_mixing: shape \(4, 2\), expected \(4, 4\)"),
     ],

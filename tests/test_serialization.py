@@ -18,7 +18,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, MixtralForCausalLM
 
 import star_hf
-from star_hf import StarConfig, find_star_routers, fold, from_pretrained, patch_model
+from star_hf import StarConfig, find_star_routers, fold, from_pretrained
 from star_hf.io import CorruptFileError, atomic_directory, read_json, read_safetensors
 
 from .serialization_utils import BUILDERS, LAYER_1_ON_DISK, assert_same_star_state, batch, outputs, star_state, trained
@@ -72,7 +72,9 @@ def test_patched_checkpoint_round_trip_sharded(name, tmp_path, load_reports):
     assert type(loaded) is type(model)
     routers = find_star_routers(loaded)
     assert list(routers) == list(find_star_routers(model))
-    assert next(iter(routers.values())).star_config.to_dict() == StarConfig.from_dict(model.config.star_config).to_dict()
+    assert (
+        next(iter(routers.values())).star_config.to_dict() == StarConfig.from_dict(model.config.star_config).to_dict()
+    )
     assert loaded.config.star_config == model.config.star_config
     assert_same_star_state(star_state(model), star_state(loaded))
     assert torch.equal(outputs(model, inputs), outputs(loaded, inputs))
@@ -198,7 +200,9 @@ def test_damaged_shard_is_named(tmp_path, damage):
         shard.unlink()
     else:
         shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    with pytest.raises(CorruptFileError, match=rf"unreadable files: {shard.name} \({damage if damage == 'missing' else ''}"):
+    with pytest.raises(
+        CorruptFileError, match=rf"unreadable files: {shard.name} \({damage if damage == 'missing' else ''}"
+    ):
         from_pretrained(tmp_path)
 
 
@@ -290,7 +294,10 @@ def test_save_pretrained_replaces_weights_and_keeps_other_files(tmp_path):
     newer = trained("mixtral", seed=2)
     star_hf.save_pretrained(newer, target)  # one file now: the old shards must not linger
     assert sorted(p.name for p in target.iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json"
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
     ]
     assert_same_star_state(star_state(newer), star_state(from_pretrained(target)))
     assert not _debris(tmp_path)

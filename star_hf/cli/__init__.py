@@ -9,6 +9,10 @@ import sys
 # sub-command name -> module in star_hf.cli
 COMMANDS = {
     "demo": "demo",
+    "upgrade": "upgrade",
+    "inspect": "inspect",
+    "fold": "fold",
+    "push": "push",
 }
 
 

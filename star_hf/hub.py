@@ -22,7 +22,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from .model_card import KINDS, CardFacts, card_facts_from_model, inherited_license, render_model_card
+from .model_card import KINDS, card_facts_from_model, inherited_license, render_model_card
 
 __all__ = ["HubUploadError", "push_to_hub", "stage_for_hub", "upload_staged_folder"]
 
@@ -89,7 +89,9 @@ def _is_folder(source: Any) -> bool:
     return isinstance(source, (str, os.PathLike))
 
 
-def _write_weights(model: nn.Module, folder: Path, kind: str, base_model: str | None, base_model_revision: str | None) -> None:
+def _write_weights(
+    model: nn.Module, folder: Path, kind: str, base_model: str | None, base_model_revision: str | None
+) -> None:
     if kind == "adapter":
         from .adapter import save_adapter
 
@@ -146,7 +148,9 @@ def _stage_into(
         kind,
         license=license,
         license_fields=None if license else inherited_license(facts.base_model, local_dir),
-        adapter_size=_human_size(sum(p.stat().st_size for p in folder.glob("*.safetensors"))) if kind == "adapter" else None,
+        adapter_size=_human_size(sum(p.stat().st_size for p in folder.glob("*.safetensors")))
+        if kind == "adapter"
+        else None,
     )
     card.save(folder / "README.md")
 
@@ -175,7 +179,12 @@ def stage_for_hub(
     target = Path(directory)
     if target.exists():
         raise FileExistsError(f"{target} already exists; stage_for_hub writes a new folder (choose another path).")
-    options = dict(base_model=base_model, base_model_revision=base_model_revision, license=license, metrics=metrics)
+    options = {
+        "base_model": base_model,
+        "base_model_revision": base_model_revision,
+        "license": license,
+        "metrics": metrics,
+    }
     with atomic_directory(target) as tmp:
         _stage_into(model, Path(tmp), kind, repo_id, tokenizer=tokenizer, **options)
     return target

@@ -99,7 +99,9 @@ def _looks_like_repo_id(name: str | None) -> bool:
     return True
 
 
-def card_facts_from_model(model: nn.Module, *, base_model: str | None = None, metrics_table: str | None = None) -> CardFacts:
+def card_facts_from_model(
+    model: nn.Module, *, base_model: str | None = None, metrics_table: str | None = None
+) -> CardFacts:
     """Gather the card's facts from a patched (not yet folded) model, or a PEFT / DDP wrapper of one."""
     from .adapter import canonical_routers, hf_root
 
@@ -217,8 +219,7 @@ def inherited_license(base_model: str | None, local_dir: str | os.PathLike | Non
     Looks at ``local_dir/README.md`` first (the folder the model was loaded from), then at the Hub
     card of ``base_model`` unless ``HF_HUB_OFFLINE`` is set. Returns ``{}`` when unknown.
     """
-    from huggingface_hub import ModelCard
-    from huggingface_hub import constants
+    from huggingface_hub import ModelCard, constants
 
     candidates: list[str] = []
     if local_dir is not None and (Path(local_dir) / "README.md").is_file():

@@ -28,7 +28,9 @@ def _char_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate(sorted(set(string.printable)))}}
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")), unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")), unk_token="<unk>"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -123,10 +125,29 @@ def test_upgrade_then_fold_keeps_outputs(tmp_path, capsys, ckpts, name):
 def test_upgrade_star_options_from_file_and_flags(tmp_path, capsys, ckpts):
     config_file = tmp_path / "star.json"
     config_file.write_text(json.dumps({"gha_lr": 1e-4, "seed": 5, "num_components": 3}))
-    rc, _, _ = _run(capsys, "upgrade", ckpts["qwen2_moe"], tmp_path / "out", "--config", config_file, "--num-components", "2", "--layers", "1", "--update", "forward")
+    rc, _, _ = _run(
+        capsys,
+        "upgrade",
+        ckpts["qwen2_moe"],
+        tmp_path / "out",
+        "--config",
+        config_file,
+        "--num-components",
+        "2",
+        "--layers",
+        "1",
+        "--update",
+        "forward",
+    )
     assert rc == 0
     saved = json.loads((tmp_path / "out" / "config.json").read_text())["star_config"]
-    assert (saved["gha_lr"], saved["seed"], saved["num_components"], saved["layers_to_transform"], saved["update"]) == (1e-4, 5, 2, [1], "forward")
+    assert (saved["gha_lr"], saved["seed"], saved["num_components"], saved["layers_to_transform"], saved["update"]) == (
+        1e-4,
+        5,
+        2,
+        [1],
+        "forward",
+    )
     routers = star_hf.find_star_routers(star_hf.from_pretrained(tmp_path / "out"))
     assert list(routers) == ["model.layers.1.mlp.gate"]
     assert routers["model.layers.1.mlp.gate"].star_basis.shape == (2, 32)
@@ -136,7 +157,9 @@ def _router_inputs(model, batches) -> torch.Tensor:
     """Inputs of the first router on ``batches``, captured independently with a forward pre-hook."""
     seen = []
     gate = model.model.layers[0].mlp.gate
-    handle = gate.register_forward_pre_hook(lambda m, args: seen.append(args[0].reshape(-1, args[0].shape[-1]).double()))
+    handle = gate.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].reshape(-1, args[0].shape[-1]).double())
+    )
     with torch.no_grad():
         for batch in batches:
             model(**batch)
@@ -149,15 +172,27 @@ def test_upgrade_calibrates_on_text_with_the_checkpoint_tokenizer(tmp_path, caps
 
     original = _plain(ckpts["mixtral"])
     rc, out, err = _run(
-        capsys, "upgrade", ckpts["mixtral"], tmp_path / "cal", "--calibration-data", ckpts["text"],
-        "--calibration-batches", "2", "--batch-size", "2", "--seq-len", "32",
+        capsys,
+        "upgrade",
+        ckpts["mixtral"],
+        tmp_path / "cal",
+        "--calibration-data",
+        ckpts["text"],
+        "--calibration-batches",
+        "2",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
     )
     assert rc == 0 and "calibrated the bases on 2 batch(es), 128 tokens" in out
     assert "calibrating" in err and "2/2" in err  # the progress bar ran to the end
     star = star_hf.from_pretrained(tmp_path / "cal")
     torch.testing.assert_close(_logits(star), _logits(original), rtol=0, atol=1e-5)
     # Independent check: the basis spans the top principal directions of the router's inputs.
-    batches = text_batches(ckpts["text"], load_tokenizer(ckpts["mixtral"]), vocab_size=128, num_batches=2, batch_size=2, seq_len=32)
+    batches = text_batches(
+        ckpts["text"], load_tokenizer(ckpts["mixtral"]), vocab_size=128, num_batches=2, batch_size=2, seq_len=32
+    )
     x = _router_inputs(original, batches)
     eigvals, eigvecs = torch.linalg.eigh(x.t() @ x / len(x))
     top = eigvecs[:, eigvals.argsort(descending=True)[:4]]
@@ -167,7 +202,18 @@ def test_upgrade_calibrates_on_text_with_the_checkpoint_tokenizer(tmp_path, caps
 
 
 def test_upgrade_calibrates_with_the_byte_tokenizer(tmp_path, capsys, ckpts):
-    rc, out, _ = _run(capsys, "upgrade", ckpts["qwen2_moe_bytes"], tmp_path / "cal", "--calibration-data", ckpts["text"], "--calibration-batches", "1", "--seq-len", "16")
+    rc, out, _ = _run(
+        capsys,
+        "upgrade",
+        ckpts["qwen2_moe_bytes"],
+        tmp_path / "cal",
+        "--calibration-data",
+        ckpts["text"],
+        "--calibration-batches",
+        "1",
+        "--seq-len",
+        "16",
+    )
     assert rc == 0 and "calibrated the bases on 1 batch(es), 64 tokens" in out
     assert not (tmp_path / "cal" / "tokenizer.json").exists()
     # a vocabulary smaller than the byte tokenizer's is refused before anything is written
@@ -179,7 +225,7 @@ def test_upgrade_calibrates_with_the_byte_tokenizer(tmp_path, capsys, ckpts):
 def _corrupt_copy(src: Path, dst: Path, what: str) -> Path:
     shutil.copytree(src, dst)
     if what == "weights":
-        shard = sorted(dst.glob("*.safetensors"))[0]
+        shard = min(dst.glob("*.safetensors"))
         shard.write_bytes(shard.read_bytes()[:100])
     else:
         (dst / "config.json").write_text("{ not json")
@@ -191,8 +237,14 @@ def test_bad_input_gives_a_clear_error_and_writes_nothing(tmp_path, capsys, ckpt
     cases = [
         (["upgrade", tmp_path / "missing", out], ["does not exist"]),
         (["upgrade", ckpts["llama"], out], ["no MoE router found in LlamaForCausalLM"]),
-        (["upgrade", _corrupt_copy(ckpts["mixtral"], tmp_path / "bad_w", "weights"), out], ["model-00001-of-", "not a valid safetensors file"]),
-        (["upgrade", _corrupt_copy(ckpts["mixtral"], tmp_path / "bad_c", "config"), out], ["config.json", "not valid JSON"]),
+        (
+            ["upgrade", _corrupt_copy(ckpts["mixtral"], tmp_path / "bad_w", "weights"), out],
+            ["model-00001-of-", "not a valid safetensors file"],
+        ),
+        (
+            ["upgrade", _corrupt_copy(ckpts["mixtral"], tmp_path / "bad_c", "config"), out],
+            ["config.json", "not valid JSON"],
+        ),
         (["upgrade", ckpts["mixtral"], ckpts["qwen2_moe"]], ["already exists", "--overwrite"]),
         (["upgrade", ckpts["mixtral"], out, "--gha-lr", "-1"], ["gha_lr must be a number >= 0"]),
         (["upgrade", ckpts["mixtral"], out, "--num-components", "64"], ["exceeds the hidden size 32"]),
@@ -224,7 +276,21 @@ def test_inspect_checkpoint_with_data_and_plot(tmp_path, capsys, ckpts, star_dir
     assert "expert load" not in out  # no data: no load
 
     plot = tmp_path / "routing.png"
-    rc, out, err = _run(capsys, "inspect", star_dir, "--data", ckpts["text"], "--batches", "2", "--batch-size", "2", "--seq-len", "16", "--plot", plot)
+    rc, out, err = _run(
+        capsys,
+        "inspect",
+        star_dir,
+        "--data",
+        ckpts["text"],
+        "--batches",
+        "2",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--plot",
+        plot,
+    )
     assert rc == 0 and "measuring expert load" in err
     row = next(line for line in out.splitlines() if line.startswith("| `model.layers.0.mlp.gate`"))
     assert row.split("|")[4].strip() == "64"  # tokens: 2 batches × 2 × 16
@@ -249,7 +315,19 @@ def test_inspect_adapter_folder(tmp_path, capsys, ckpts):
 
     rc, _, err = _run(capsys, "inspect", tmp_path / "adapter", "--data", ckpts["text"])
     _assert_clean_error(rc, err, "--base-model")
-    rc, out, _ = _run(capsys, "inspect", tmp_path / "adapter", "--base-model", ckpts["switch"], "--data", ckpts["text"], "--batches", "1", "--seq-len", "8")
+    rc, out, _ = _run(
+        capsys,
+        "inspect",
+        tmp_path / "adapter",
+        "--base-model",
+        ckpts["switch"],
+        "--data",
+        ckpts["text"],
+        "--batches",
+        "1",
+        "--seq-len",
+        "8",
+    )
     assert rc == 0 and "expert load" in out and "decoder.block.1.layer.2.mlp.router.classifier:" in out
 
 
@@ -264,9 +342,15 @@ def test_push_checkpoint_and_adapter(tmp_path, capsys, monkeypatch, star_dir):
     assert card.data.license == "mit" and "## Routing metrics" in card.text
 
     hub = FakeHub(monkeypatch, tmp_path / "adapter")
-    rc, _, _ = _run(capsys, "push", star_dir, "me/mixtral-star-adapter", "--kind", "adapter", "--base-model", "org/tiny-mixtral")
+    rc, _, _ = _run(
+        capsys, "push", star_dir, "me/mixtral-star-adapter", "--kind", "adapter", "--base-model", "org/tiny-mixtral"
+    )
     assert rc == 0
-    assert {p.name for p in (tmp_path / "adapter").iterdir()} == {"README.md", "star_config.json", "star_adapter.safetensors"}
+    assert {p.name for p in (tmp_path / "adapter").iterdir()} == {
+        "README.md",
+        "star_config.json",
+        "star_adapter.safetensors",
+    }
     assert ModelCard.load(tmp_path / "adapter" / "README.md").data.base_model == "org/tiny-mixtral"
 
     # an adapter folder is pushed as it is, with a card whose metrics come from its tensors
@@ -284,7 +368,7 @@ def test_push_stage_only_and_failed_upload(tmp_path, capsys, monkeypatch, star_d
     rc, out, _ = _run(capsys, "push", star_dir, "me/m", "--kind", "folded", "--stage-only", tmp_path / "staged")
     assert rc == 0 and "nothing was uploaded" in out and hub.calls == []
     with safe_open(str(tmp_path / "staged" / "model.safetensors"), framework="pt") as handle:
-        assert not any("star_" in k for k in handle.keys())
+        assert not any("star_" in k for k in handle.keys())  # noqa: SIM118 (safe_open is not a dict)
 
     before = {p.name: p.read_bytes() for p in star_dir.iterdir()}
     rc, _, err = _run(capsys, "push", star_dir, "me/m")

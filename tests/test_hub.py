@@ -88,7 +88,9 @@ def test_template_is_the_top_level_model_cards_file():
 def test_stage_writes_weights_config_and_card(tmp_path, kind):
     model = _patched()
     before = _state(model)
-    folder = stage_for_hub(model, tmp_path / "staged", kind, repo_id=REPO, base_model="org/tiny-mixtral", license="mit", metrics=METRICS)
+    folder = stage_for_hub(
+        model, tmp_path / "staged", kind, repo_id=REPO, base_model="org/tiny-mixtral", license="mit", metrics=METRICS
+    )
     files = {p.name for p in folder.iterdir()}
     card = ModelCard.load(folder / "README.md")
     data = card.data.to_dict()
@@ -160,7 +162,15 @@ def test_push_uploads_the_staged_folder(tmp_path, monkeypatch):
     hub = FakeHub(monkeypatch, tmp_path / "uploaded")
     model = _patched(tiny_qwen2_moe)
     info = push_to_hub(
-        model, REPO, "adapter", private=True, token="hf_test", revision="star", commit_message="add STAR", metrics=METRICS, license="apache-2.0"
+        model,
+        REPO,
+        "adapter",
+        private=True,
+        token="hf_test",
+        revision="star",
+        commit_message="add STAR",
+        metrics=METRICS,
+        license="apache-2.0",
     )
     assert info.commit_url.endswith("/commit/abc")
     assert hub.names() == ["create_repo", "create_branch", "upload_folder"]
@@ -227,13 +237,17 @@ def test_license_inherited_from_the_base_checkpoint_card(tmp_path):
 
     base_dir = tmp_path / "base"
     tiny_mixtral().save_pretrained(base_dir)
-    (base_dir / "README.md").write_text("---\nlicense: other\nlicense_name: tiny-license\nlicense_link: LICENSE\n---\n# base\n")
+    (base_dir / "README.md").write_text(
+        "---\nlicense: other\nlicense_name: tiny-license\nlicense_link: LICENSE\n---\n# base\n"
+    )
     model = AutoModelForCausalLM.from_pretrained(base_dir)
     star_hf.patch_model(model)
     inherited = ModelCard.load(stage_for_hub(model, tmp_path / "a", "adapter", metrics=False) / "README.md").data
     assert (inherited.license, inherited.license_name, inherited.license_link) == ("other", "tiny-license", "LICENSE")
     assert inherited.base_model is None  # a local path is no Hub id
-    explicit = ModelCard.load(stage_for_hub(model, tmp_path / "b", "adapter", metrics=False, license="mit") / "README.md").data
+    explicit = ModelCard.load(
+        stage_for_hub(model, tmp_path / "b", "adapter", metrics=False, license="mit") / "README.md"
+    ).data
     assert explicit.license == "mit" and getattr(explicit, "license_name", None) is None
 
 

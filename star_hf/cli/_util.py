@@ -11,14 +11,15 @@ import functools
 import re
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..io import read_json
 
 __all__ = [
-    "CliError",
     "DTYPES",
+    "CliError",
     "check_model_dir",
     "check_new_dir",
     "check_safetensors",
@@ -47,7 +48,9 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return (CliError, HubUploadError, SafetensorError, OSError, ValueError)
 
 
-def command_parser(sub: argparse._SubParsersAction, name: str, *, help: str, description: str, epilog: str) -> argparse.ArgumentParser:
+def command_parser(
+    sub: argparse._SubParsersAction, name: str, *, help: str, description: str, epilog: str
+) -> argparse.ArgumentParser:
     """A sub-command parser whose ``--help`` ends with the (pre-formatted) examples of ``epilog``."""
     return sub.add_parser(
         name,
@@ -82,7 +85,9 @@ def check_model_dir(path: str, what: str = "checkpoint") -> Path:
         raise CliError(f"{folder} is not a folder; expected a {what} folder (config.json + *.safetensors).")
     config = folder / "config.json"
     if not config.is_file():
-        raise CliError(f"{folder} has no config.json; expected a Transformers {what} folder written by save_pretrained.")
+        raise CliError(
+            f"{folder} has no config.json; expected a Transformers {what} folder written by save_pretrained."
+        )
     read_json(config, "config")
     return folder
 
@@ -107,7 +112,9 @@ def check_safetensors(folder: Path) -> list[Path]:
             with safe_open(str(file), framework="pt") as handle:
                 handle.keys()
         except (SafetensorError, OSError) as err:
-            raise CliError(f"{file} is not a valid safetensors file ({err}); the checkpoint is corrupt or truncated.") from None
+            raise CliError(
+                f"{file} is not a valid safetensors file ({err}); the checkpoint is corrupt or truncated."
+            ) from None
     return files
 
 

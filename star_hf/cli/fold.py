@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-from ._util import DTYPES, CliError, check_model_dir, check_new_dir, check_safetensors, cli_command, command_parser, load_tokenizer, torch_dtype
+from ._util import (
+    DTYPES,
+    CliError,
+    check_model_dir,
+    check_new_dir,
+    check_safetensors,
+    cli_command,
+    command_parser,
+    load_tokenizer,
+    torch_dtype,
+)
 
 EPILOG = """examples:
   star-hf fold ./mixtral-star ./mixtral-folded
@@ -26,7 +36,9 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
         "equivalent linear gate, and save a stock Transformers checkpoint (atomically).",
         epilog=EPILOG,
     )
-    p.add_argument("in_dir", metavar="IN_DIR", help="STAR checkpoint folder (written by save_pretrained or star-hf upgrade)")
+    p.add_argument(
+        "in_dir", metavar="IN_DIR", help="STAR checkpoint folder (written by save_pretrained or star-hf upgrade)"
+    )
     p.add_argument("out_dir", metavar="OUT_DIR", help="where to write the stock checkpoint")
     p.add_argument("--dtype", choices=DTYPES, help="dtype to load and save the weights in (default: as saved)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
@@ -44,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
     in_dir = check_model_dir(args.in_dir, "STAR checkpoint")
     out_dir = check_new_dir(args.out_dir, overwrite=args.overwrite, source=in_dir)
     if not getattr(AutoConfig.from_pretrained(str(in_dir)), "star_config", None):
-        raise CliError(f"{in_dir} is not a STAR checkpoint (its config.json has no star_config); there is nothing to fold.")
+        raise CliError(
+            f"{in_dir} is not a STAR checkpoint (its config.json has no star_config); there is nothing to fold."
+        )
     check_safetensors(in_dir)
     tokenizer = load_tokenizer(in_dir)
     model = star_hf.from_pretrained(str(in_dir), dtype=torch_dtype(args.dtype))

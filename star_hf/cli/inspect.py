@@ -62,7 +62,9 @@ def _load_model(folder: Path, base_model: str | None):
     if is_adapter_folder(folder):
         base_dir = check_model_dir(base_model, "base checkpoint")
         check_safetensors(base_dir)
-        base = _model_class(AutoConfig.from_pretrained(str(base_dir)), None).from_pretrained(str(base_dir), use_safetensors=True)
+        base = _model_class(AutoConfig.from_pretrained(str(base_dir)), None).from_pretrained(
+            str(base_dir), use_safetensors=True
+        )
         return star_hf.load_adapter(base, folder), base_dir
     check_model_dir(str(folder), "STAR checkpoint")
     if not getattr(AutoConfig.from_pretrained(str(folder)), "star_config", None):
@@ -87,7 +89,10 @@ def _measure_load(model, batches) -> None:
     with torch.no_grad():
         for batch in tqdm(batches, desc="measuring expert load", unit="batch"):
             if encoder_decoder:
-                batch = {**batch, "decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=batch["input_ids"])}
+                batch = {
+                    **batch,
+                    "decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=batch["input_ids"]),
+                }
             model(**batch)
 
 
@@ -109,7 +114,9 @@ def write_plot(report, path: Path) -> None:
     layers = report.layers
     labels = [_label(r.path) for r in layers]
     with_load = any(r.load is not None for r in layers)
-    fig, axes = plt.subplots(1, 2 if with_load else 1, figsize=(12 if with_load else 6, 0.4 * len(layers) + 2.5), squeeze=False)
+    fig, axes = plt.subplots(
+        1, 2 if with_load else 1, figsize=(12 if with_load else 6, 0.4 * len(layers) + 2.5), squeeze=False
+    )
     axes = axes[0]
     if with_load:
         width = max(r.num_experts for r in layers)

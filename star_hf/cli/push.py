@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         check_model_dir(str(folder), "STAR checkpoint")
         check_safetensors(folder)
         source, kind, tokenizer = star_hf.from_pretrained(str(folder)), args.kind or "full", load_tokenizer(folder)
-    card = dict(license=args.license, base_model=args.base_model, tokenizer=tokenizer)
+    card = {"license": args.license, "base_model": args.base_model, "tokenizer": tokenizer}
     if stage_dir is not None:
         stage_for_hub(source, stage_dir, kind, repo_id=args.repo_id, **card)
         print(f"staged the {kind} upload for {args.repo_id} in {stage_dir} (nothing was uploaded)")

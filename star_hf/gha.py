@@ -19,7 +19,15 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["GHAStatistics", "guarded_update_", "row_normalise", "sanger_delta", "sanger_update"]
+__all__ = [
+    "GHAStatistics",
+    "TokenWeights",
+    "guarded_sanger_step_",
+    "guarded_update_",
+    "row_normalise",
+    "sanger_delta",
+    "sanger_update",
+]
 
 # Rows are normalised by max(‖row‖, _NORM_FLOOR) so a zero row cannot produce NaN.
 _NORM_FLOOR = 1e-12
@@ -110,3 +118,54 @@ def guarded_update_(basis: torch.Tensor, stats: GHAStatistics, lr: float) -> tor
     ok = stats.is_finite() & (stats.count > 0) & torch.isfinite(new).all()
     basis.copy_(torch.where(ok, new, basis))
     return ok
+
+
+@dataclass(frozen=True)
+class TokenWeights:
+    """0/1 token weights in the form the per-forward update uses, built once per forward and shared
+    by all the bases that see the same tokens (every router of a model sees the same mask)."""
+
+    scaled: torch.Tensor  # N×1 float32: w / max(Σ w, 1), so that sums over tokens come out as means
+    empty: torch.Tensor  # 0-dim bool: Σ w == 0
+
+    @classmethod
+    def from_weights(cls, weight: torch.Tensor, device: torch.device | str | None = None) -> "TokenWeights":
+        column = weight.detach().reshape(-1, 1).to(device=device, dtype=torch.float32)
+        total = column.sum()
+        return cls(column / total.clamp_min(1.0), total == 0)
+
+
+def guarded_sanger_step_(
+    basis: torch.Tensor, x: torch.Tensor, lr: float, weights: TokenWeights | None = None
+) -> torch.Tensor:
+    """One in-place Sanger update of ``basis`` from the inputs ``x`` (…×D) of a single forward.
+
+    The update of ``guarded_update_(basis, GHAStatistics.from_inputs(x, basis, w), lr)`` in about
+    half its kernel launches: the per-forward path of test-time adaptation, where a decode step
+    brings a handful of tokens and launch overhead, not arithmetic, is the cost. Skipped on device,
+    without a host sync, when an updated row is not finite (any non-finite statistic makes it so)
+    or vanishes, or when no token has weight. Returns a 0-dim bool tensor: skipped for the former.
+    """
+    # Each call below is a dispatcher round trip, so the no-op ones are skipped in Python.
+    if x.requires_grad:
+        x = x.detach()
+    if x.dim() != 2:
+        x = x.reshape(-1, basis.shape[-1])
+    x = x.to(torch.float32)
+    if x.shape[0] == 0:
+        return torch.zeros((), dtype=torch.bool, device=basis.device)
+    y = torch.nn.functional.linear(x, basis)  # X Bᵀ
+    if weights is None:
+        yw, scale = y, lr / x.shape[0]
+    else:
+        yw, scale = y * weights.scaled, lr
+    # B + η (Yᵀ X − tril(Yᵀ Y) B) / N; with 0/1 weights, weighting one factor of each product is enough.
+    ywt = yw.t()
+    new = torch.addmm(torch.addmm(basis, ywt, x, alpha=scale), torch.tril(ywt @ y), basis, alpha=-scale)
+    normalised = new / torch.linalg.vector_norm(new, dim=-1, keepdim=True)
+    # Entries of normalised rows are bounded by 1, so their sum is NaN exactly when a row is not
+    # finite or has zero norm: one scalar test instead of an element-wise isfinite and a reduction.
+    non_finite = torch.isnan(normalised.sum())
+    keep = non_finite if weights is None else non_finite | weights.empty
+    torch.where(keep, basis, normalised, out=basis)
+    return non_finite

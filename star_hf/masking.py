@@ -16,7 +16,9 @@ import threading
 import torch
 import torch.nn as nn
 
-__all__ = ["attach_mask_hooks", "current_token_weight", "detach_mask_hooks"]
+from .gha import TokenWeights
+
+__all__ = ["attach_mask_hooks", "current_token_weight", "current_token_weights", "detach_mask_hooks"]
 
 _MASK_ARG = "attention_mask"
 _local = threading.local()
@@ -40,13 +42,23 @@ def push_mask_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     index = _positional_index(type(module))
     if mask is None and index is not None and len(args) > index:
         mask = args[index]
-    _stack().append(mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None)
+    _stack().append(_ForwardMask(mask) if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None)
 
 
 def pop_mask_hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
     stack = _stack()
     if stack:
         stack.pop()
+
+
+class _ForwardMask:
+    """The mask of one running forward, and the per-router-shape weights derived from it once."""
+
+    __slots__ = ("mask", "derived")
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        self.mask = mask
+        self.derived: dict[tuple[int, torch.device], TokenWeights | None] = {}
 
 
 def current_token_weight(num_tokens: int) -> torch.Tensor | None:
@@ -56,9 +68,25 @@ def current_token_weight(num_tokens: int) -> torch.Tensor | None:
     generation they are the last ``num_tokens / batch`` positions of each row.
     """
     stack = _stack()
-    mask = stack[-1] if stack else None
-    if mask is None:
+    entry = stack[-1] if stack else None
+    return None if entry is None else _token_weight(entry.mask, num_tokens)
+
+
+def current_token_weights(num_tokens: int, device: torch.device) -> TokenWeights | None:
+    """:func:`current_token_weight` as :class:`~star_hf.gha.TokenWeights` on ``device``, derived once
+    per forward and shared by its routers (the per-forward update of test-time adaptation)."""
+    stack = _stack()
+    entry = stack[-1] if stack else None
+    if entry is None:
         return None
+    key = (num_tokens, device)
+    if key not in entry.derived:
+        weight = _token_weight(entry.mask, num_tokens)
+        entry.derived[key] = None if weight is None else TokenWeights.from_weights(weight, device)
+    return entry.derived[key]
+
+
+def _token_weight(mask: torch.Tensor, num_tokens: int) -> torch.Tensor | None:
     batch, length = mask.shape
     if num_tokens == batch * length:
         return mask.reshape(-1)

@@ -14,6 +14,7 @@ Gradients reach W, b, M and α through W_eff; B is a float32 buffer learned by G
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any
 
@@ -21,8 +22,8 @@ import torch
 import torch.nn as nn
 
 from .config import StarConfig
-from .gha import GHAStatistics, guarded_update_
-from .masking import current_token_weight
+from .gha import GHAStatistics, guarded_sanger_step_, guarded_update_
+from .masking import current_token_weight, current_token_weights
 
 __all__ = ["StarRouterMixin", "is_star_router"]
 
@@ -51,8 +52,11 @@ def is_star_router(module: nn.Module) -> bool:
 
 
 def _no_autocast(device: torch.device):
-    # Basis algebra and statistics stay float32 even inside an autocast region.
-    return torch.autocast(device_type=device.type, enabled=False)
+    # Basis algebra and statistics stay float32 even inside an autocast region. Entering an
+    # autocast context costs ~10 µs on CPU, a lot for a per-forward update, so only when needed.
+    if torch._C._is_any_autocast_enabled():
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _first_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -113,25 +117,35 @@ class StarRouterMixin:
         return not any(p is not None and p.requires_grad for p in self._star_tensors()[:4])
 
     def _star_cache_key(self) -> tuple:
+        # The basis comes first: key[1:] identifies the basis-independent factors.
+        w, b, m, a, basis = self._star_tensors()
         return tuple(
-            None if t is None else (t._version, t.data_ptr(), t.device, t.dtype) for t in self._star_tensors()
+            None if t is None else (t._version, t.data_ptr(), t.device, t.dtype) for t in (basis, w, b, m, a)
         ) + (self.star_config.logits_fp32, self.star_config.gha_only)
 
-    def _star_compute_effective(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _star_static_factors(self) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """(s ⊙ W, (1 − s) ⊙ M, b_eff): with them W_eff = s ⊙ W + ((1 − s) ⊙ M) B is one addmm.
+
+        They do not depend on B, so the eval cache keeps them: when only the basis changes (the
+        per-forward update of test-time adaptation), W_eff costs one kernel instead of several.
+        """
         w, b = self.star_linear_weight, self.star_linear_bias
+        with _no_autocast(w.device):
+            if self.star_config.gha_only:
+                return None, self.star_mixing.float(), b
+            s = torch.sigmoid(self.star_alpha.float())
+            b_eff = None if b is None else s * b.float()
+            return s[:, None] * w.float(), (1.0 - s)[:, None] * self.star_mixing.float(), b_eff
+
+    def _star_compute_effective(self, static: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         basis = self.star_basis
         if torch.is_grad_enabled():
             # Autograd keeps B for the gradient of M; GHA updates B in place, possibly before this
             # graph's backward (update="forward", several forwards per step), so it gets a snapshot.
             basis = basis.clone()
-        with _no_autocast(w.device):
-            structure = self.star_mixing.float() @ basis
-            if self.star_config.gha_only:
-                w_eff, b_eff = structure, b
-            else:
-                s = torch.sigmoid(self.star_alpha.float())
-                w_eff = s[:, None] * w.float() + (1.0 - s)[:, None] * structure
-                b_eff = None if b is None else s * b.float()
+        scaled_w, scaled_m, b_eff = self._star_static_factors() if static is None else static
+        with _no_autocast(basis.device):
+            w_eff = scaled_m @ basis if scaled_w is None else torch.addmm(scaled_w, scaled_m, basis)
             dtype = self._star_weight_dtype()
             w_eff = w_eff.to(dtype)
             b_eff = None if b_eff is None else b_eff.to(dtype)
@@ -144,7 +158,9 @@ class StarRouterMixin:
         cached = self.__dict__.get("_star_cache")
         if cached is None or cached[0] != key:
             with torch.no_grad():
-                cached = (key, self._star_compute_effective())
+                same_factors = cached is not None and cached[0][1:] == key[1:]
+                static = cached[2] if same_factors else self._star_static_factors()
+                cached = (key, self._star_compute_effective(static), static)
             self.__dict__["_star_cache"] = cached
         return cached[1]
 
@@ -172,12 +188,13 @@ class StarRouterMixin:
         # again would double the tokens of this layer, and "forward" mode would update twice.
         if torch._C._current_graph_task_id() != -1:
             return
+        if not self.training:  # test-time adaptation (star_hf.adaptation)
+            self._star_adapt(x)
+            return
         basis = self.star_basis
         with torch.no_grad(), _no_autocast(basis.device):
             stats = GHAStatistics.from_inputs(x, basis, self._star_token_weight(x))
-            if not self.training:
-                self._star_guarded_update(stats, self._star_adaptation.lr)
-            elif self.star_config.update == "forward":
+            if self.star_config.update == "forward":
                 from .step import all_reduce_statistics
 
                 all_reduce_statistics([stats])
@@ -193,6 +210,22 @@ class StarRouterMixin:
                     from .callback import check_statistics_pile_up
 
                     check_statistics_pile_up(self)
+
+    def _star_adapt(self, x: torch.Tensor) -> None:
+        """One guarded GHA update from the real tokens of this eval forward, before its logits.
+
+        Runs once per router per decode step, so it is kept to a few kernels: mask-derived weights
+        are shared by the forward's routers, and every operand is detached (no autograd context).
+        """
+        basis = self.star_basis
+        weights = None
+        if self.star_config.mask_padding:
+            weights = current_token_weights(x.numel() // x.shape[-1], basis.device)
+        with _no_autocast(basis.device):
+            skipped = guarded_sanger_step_(basis, x, self._star_adaptation.lr, weights)
+        pending = self.__dict__.get("_star_skipped_pending")
+        # Through __dict__: nn.Module.__setattr__ costs as much as a kernel launch here.
+        self.__dict__["_star_skipped_pending"] = skipped.long() if pending is None else pending + skipped
 
     def _star_token_weight(self, x: torch.Tensor) -> torch.Tensor | None:
         if not self.star_config.mask_padding:

@@ -10,6 +10,7 @@ import torch
 import star_hf
 from star_hf import StarConfig, find_star_routers, patch_model
 from star_hf.adaptation import AdaptationActiveError
+from star_hf.gha import TokenWeights, guarded_sanger_step_
 
 from .conftest import tiny_mixtral, tiny_switch
 
@@ -35,6 +36,29 @@ def naive_router_logits(router, basis: torch.Tensor, x: torch.Tensor) -> torch.T
     w = router.star_linear_weight.detach().double()
     m = router.star_mixing.detach().double()
     return x.double() @ (s * w + (1 - s) * (m @ basis.double())).t()
+
+
+def test_fused_per_forward_step_equals_naive_gha_and_guards_on_device():
+    g = torch.Generator().manual_seed(0)
+    basis = torch.nn.functional.normalize(torch.randn(4, 16, generator=g), dim=-1)
+    x = torch.randn(2, 5, 16, generator=g)
+    weight = torch.tensor([0, 0, 1, 1, 1, 1, 1, 1, 1, 0])
+    got = basis.clone()
+    skipped = guarded_sanger_step_(got, x, 0.1, TokenWeights.from_weights(weight))
+    real = [t for t, w in zip(x.reshape(-1, 16), weight) if w]
+    torch.testing.assert_close(got.double(), naive_gha(basis, real, 0.1), rtol=0, atol=1e-6)
+    assert not skipped
+    got = basis.clone()
+    guarded_sanger_step_(got, x, 0.1)  # no weights: every token counts
+    torch.testing.assert_close(got.double(), naive_gha(basis, list(x.reshape(-1, 16)), 0.1), rtol=0, atol=1e-6)
+    for bad in (float("nan"), float("inf")):
+        poisoned, got = x.clone(), basis.clone()
+        poisoned[0, 3, 2] = bad
+        assert guarded_sanger_step_(got, poisoned, 0.1, TokenWeights.from_weights(weight))
+        assert torch.equal(got, basis)
+    got = basis.clone()
+    assert not guarded_sanger_step_(got, x, 0.1, TokenWeights.from_weights(torch.zeros(10)))
+    assert torch.equal(got, basis)  # no real token: untouched, and not a non-finite skip
 
 
 def record_routers(model):

@@ -153,6 +153,17 @@ def test_upgrade_star_options_from_file_and_flags(tmp_path, capsys, ckpts):
     assert routers["model.layers.1.mlp.gate"].star_basis.shape == (2, 32)
 
 
+def test_upgrade_in_bfloat16_keeps_the_basis_float32(tmp_path, capsys, ckpts):
+    rc, _, _ = _run(capsys, "upgrade", ckpts["mixtral"], tmp_path / "bf16", "--dtype", "bfloat16")
+    assert rc == 0
+    dtypes = {}
+    for file in (tmp_path / "bf16").glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as handle:
+            dtypes.update({k.rpartition(".")[2]: handle.get_slice(k).get_dtype() for k in handle.keys()})  # noqa: SIM118
+    assert dtypes["star_linear_weight"] == "BF16" and dtypes["star_mixing"] == "BF16"
+    assert dtypes["star_basis"] == "F32"
+
+
 def _router_inputs(model, batches) -> torch.Tensor:
     """Inputs of the first router on ``batches``, captured independently with a forward pre-hook."""
     seen = []

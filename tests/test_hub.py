@@ -274,3 +274,16 @@ def test_corrupt_adapter_folder_is_refused_before_upload(tmp_path, monkeypatch):
     with pytest.raises(star_hf.CorruptFileError, match="star_adapter.safetensors"):
         push_to_hub(adapter_dir, REPO, "adapter", metrics=False)
     assert hub.calls == []
+
+
+def test_default_metrics_table_is_the_routing_report(tmp_path, input_ids):
+    model = _patched()
+    monitor = star_hf.RoutingMonitor(model)
+    with torch.no_grad():
+        model(input_ids)  # 2 × 12 tokens through each router
+    card = ModelCard.load(stage_for_hub(model, tmp_path / "m", "full") / "README.md")
+    assert star_hf.routing_report(model).to_markdown().strip() in card.text
+    monitor.close()
+    metrics = card.text.split("## Routing metrics")[1]
+    row = next(line for line in metrics.splitlines() if line.startswith("| `model.layers.1.mlp.gate`"))
+    assert row.split("|")[4].strip() == "24"  # tokens counted by the monitor

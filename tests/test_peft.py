@@ -33,7 +33,7 @@ def tiny_llama4():
     from transformers import Llama4ForCausalLM, Llama4TextConfig
 
     torch.manual_seed(0)
-    extra = dict(intermediate_size_mlp=64, head_dim=8, num_local_experts=4, num_experts_per_tok=1)
+    extra = {"intermediate_size_mlp": 64, "head_dim": 8, "num_local_experts": 4, "num_experts_per_tok": 1}
     cfg = Llama4TextConfig(**COMMON, **extra, interleave_moe_layer_step=1, attention_chunk_size=16)
     return Llama4ForCausalLM(cfg).eval()
 
@@ -42,13 +42,18 @@ def tiny_longcat_flash():
     from transformers import LongcatFlashConfig, LongcatFlashForCausalLM
 
     torch.manual_seed(0)
-    attention = dict(q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, head_dim=8, v_head_dim=8)
+    attention = {"q_lora_rank": 16, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "head_dim": 8}
     cfg = LongcatFlashConfig(
-        **{k: v for k, v in COMMON.items() if k not in ("num_hidden_layers", "intermediate_size", "num_key_value_heads")},
+        **{
+            k: v
+            for k, v in COMMON.items()
+            if k not in ("num_hidden_layers", "intermediate_size", "num_key_value_heads")
+        },
         num_layers=1,
         num_key_value_heads=4,
         ffn_hidden_size=64,
         **attention,
+        v_head_dim=8,
         moe_topk=2,
         n_routed_experts=4,
         zero_expert_num=2,
@@ -217,7 +222,9 @@ def test_lora_on_fused_experts_through_target_parameters(name):
     model = patched(name)
     inputs = batch(name)
     before = logits(model, inputs)
-    peft_model = lora(model, target_modules=[], target_parameters=["gate_up_proj", "down_proj"], init_lora_weights=False)
+    peft_model = lora(
+        model, target_modules=[], target_parameters=["gate_up_proj", "down_proj"], init_lora_weights=False
+    )
     adapted = adapter_layer_paths(peft_model)
     assert adapted and all(".mlp.experts" in p for p in adapted)
     assert_routers_out_of_lora(peft_model)
@@ -243,7 +250,9 @@ def test_gha_only_routers_keep_w_b_alpha_frozen_whatever_peft_toggles():
     def check():
         for router in find_star_routers(peft_model).values():
             assert router.star_mixing.requires_grad
-            assert not any(getattr(router, n).requires_grad for n in ("star_linear_weight", "star_linear_bias", "star_alpha"))
+            assert not any(
+                getattr(router, n).requires_grad for n in ("star_linear_weight", "star_linear_bias", "star_alpha")
+            )
 
     check()
     with peft_model.disable_adapter():
@@ -384,7 +393,7 @@ def test_patching_a_model_with_several_adapters_gives_each_its_router_copies():
     assert all(p.endswith(".modules_to_save.default") for p in find_star_routers(peft_model))
     # A wrapper whose copies are all inactive runs its original, and that is the router reported.
     peft_model.base_model.model.model.layers[0].mlp.gate.set_adapter([])
-    assert list(find_star_routers(peft_model))[0].endswith("layers.0.mlp.gate.original_module")
+    assert next(iter(find_star_routers(peft_model))).endswith("layers.0.mlp.gate.original_module")
 
 
 def test_patching_refuses_routers_peft_already_adapted():

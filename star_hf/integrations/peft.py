@@ -25,10 +25,10 @@ import functools
 import warnings
 from collections.abc import Iterable
 
-import torch.nn as nn
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from peft.utils.other import ModulesToSaveWrapper
+from torch import nn
 
 from ..router import STAR_BUFFER_NAMES, STAR_PARAMETER_NAMES, StarGateHostMixin, StarRouterMixin
 

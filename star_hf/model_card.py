@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,6 @@ class CardFacts:
     base_model: str | None = None
     pipeline_tag: str | None = None
     metrics_table: str | None = None
-    extra_tags: list[str] = field(default_factory=list)
 
 
 def find_template(name: str = TEMPLATE_NAME) -> Path:
@@ -261,7 +260,7 @@ def render_model_card(
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}.")
     licence = {"license": license} if license else dict(license_fields or {})
-    tags = list(dict.fromkeys([*BASE_TAGS, facts.model_type, *facts.extra_tags]))
+    tags = list(dict.fromkeys([*BASE_TAGS, facts.model_type]))
     extra: dict[str, Any] = {}
     if kind == "adapter" and facts.base_model:
         extra["base_model_relation"] = "adapter"

@@ -9,7 +9,10 @@ class, so that pickle (``torch.save(model)``) finds them by name in a fresh proc
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any
+
+import torch.nn as nn
 
 # class-name prefix -> name of the mixin in star_hf.router placed in front of the base class
 _MIXINS = {"StarRouter__": "StarRouterMixin", "StarGateHost__": "StarGateHostMixin"}
@@ -32,6 +35,16 @@ def _unescape(text: str) -> str:
     return "".join(out)
 
 
+def _multiplies_through_linear_forward(base: type) -> bool:
+    """An ``nn.Linear`` subclass whose own forward reaches ``nn.Linear.forward`` via ``super().forward``."""
+    if not issubclass(base, nn.Linear) or base.forward is nn.Linear.forward:
+        return False
+    try:
+        return "super().forward(" in inspect.getsource(base.forward)
+    except (OSError, TypeError):
+        return False
+
+
 def _generate(prefix: str, base: type) -> type:
     cls = _cache.get((prefix, base))
     if cls is None:
@@ -39,7 +52,12 @@ def _generate(prefix: str, base: type) -> type:
 
         name = f"{prefix}{_escape(base.__module__)}__{_escape(base.__qualname__)}"
         mixin = getattr(router, _MIXINS[prefix])
-        cls = type(name, (mixin, base), {"__module__": __name__, "__qualname__": name, "_star_base_class": base})
+        namespace = {"__module__": __name__, "__qualname__": name, "_star_base_class": base}
+        bases: tuple[type, ...] = (mixin, base)
+        if prefix == "StarRouter__" and _multiplies_through_linear_forward(base):
+            bases += (router.StarLinearInput,)
+            namespace["_star_observes_linear_input"] = True
+        cls = type(name, bases, namespace)
         _cache[(prefix, base)] = cls
         globals()[name] = cls
     return cls

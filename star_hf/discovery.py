@@ -113,8 +113,23 @@ def _reads_child_weight_directly(router: nn.Module, child: str) -> bool:
     return re.search(rf"self\.{child}\s*\(", source) is None and f"self.{child}.weight" in source
 
 
+def _routes_by_token_id(router: nn.Module) -> bool:
+    # Hash routing (DeepSeek-V4's first layers) picks the experts from a token-id table; its gate
+    # only weights the chosen experts, so a structure-aware gate would not change the routing.
+    try:
+        return "input_ids" in inspect.signature(type(router).forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _locate_gate(path: str, router: nn.Module) -> RouterSite | UnsupportedRouter:
     cls_name = type(router).__name__
+    if _routes_by_token_id(router):
+        reason = (
+            "its experts are chosen by a token-id lookup table (hash routing), not by the gate's logits, "
+            "so a structure-aware gate cannot change its routing"
+        )
+        return UnsupportedRouter(path, cls_name, reason)
     weight = router._parameters.get("weight")
     if isinstance(router, nn.Linear) or (isinstance(weight, nn.Parameter) and weight.dim() == 2):
         bias = router._parameters.get("bias")

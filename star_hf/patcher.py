@@ -18,7 +18,7 @@ from ._generated import gate_host_class_for, star_class_for
 from .architectures import supported_architectures
 from .checkpoint_layout import attach_checkpoint_layout_hook, detach_checkpoint_layout_hook
 from .config import StarConfig
-from .discovery import RouterSite, _active_named_modules, scan_routers
+from .discovery import RouterSite, UnsupportedRouter, _active_named_modules, scan_routers
 from .init import initial_tensors
 from .masking import attach_mask_hooks, detach_mask_hooks
 from .router import STAR_BUFFER_NAMES, STAR_PARAMETER_NAMES, StarGateHostMixin, StarRouterMixin
@@ -82,6 +82,19 @@ def _peft_integration():
     return peft
 
 
+def _layers_hint(sites: list[RouterSite], unsupported: list[UnsupportedRouter]) -> str:
+    """The ``layers_to_transform`` that keeps exactly the linear-gate layers (mixed models: DeepSeek-V4)."""
+
+    def layers(path: str) -> set[int]:
+        return {int(tok) for tok in path.split(".") if tok.isdigit()}
+
+    refused = set().union(*(layers(u.path) for u in unsupported))
+    linear = sorted(set().union(*(layers(s.path) for s in sites)) - refused)
+    if not linear:
+        return ""
+    return f" The linear gates are in layers {linear}: StarConfig(layers_to_transform={linear}) patches only those."
+
+
 def _check_sites(model: nn.Module, config: StarConfig, allow_unverified: bool) -> list[RouterSite]:
     """Every check runs before the model is touched."""
     if _all_star_modules(model):
@@ -102,7 +115,7 @@ def _check_sites(model: nn.Module, config: StarConfig, allow_unverified: bool) -
         details = "; ".join(f"{u.path} ({u.class_name}): {u.reason}" for u in unsupported)
         raise UnsupportedRouterError(
             f"{type(model).__name__} has routers that are not linear gates, which STAR cannot upgrade: {details}. "
-            "Leave them out with StarConfig(layers_to_transform=...) or StarConfig(target_modules=...)."
+            f"Leave them out with StarConfig(layers_to_transform=...) or StarConfig(target_modules=...).{_layers_hint(sites, unsupported)}"
         )
     if not sites:
         raise NoRouterError(

@@ -86,6 +86,9 @@ class StarRouterMixin:
     """
 
     _star_base_class: type
+    # True when the router subclasses nn.Linear and its own forward may change its input before
+    # nn.Linear.forward multiplies it (PhiMoE's input jitter): StarLinearInput observes it there.
+    _star_observes_linear_input: bool = False
 
     # ------------------------------------------------------------------ effective gate
     @property
@@ -176,7 +179,8 @@ class StarRouterMixin:
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         x = _first_input(args, kwargs)
         if x is not None:
-            if self.training or self.__dict__.get("_star_adaptation") is not None:
+            observing = self.training or self.__dict__.get("_star_adaptation") is not None
+            if observing and not self._star_observes_linear_input:
                 self._star_observe(x)
             if self.star_config.logits_fp32 and x.dtype != torch.float32:
                 args, kwargs = _with_first_input(args, kwargs, x.float())
@@ -314,6 +318,17 @@ class StarRouterMixin:
         cfg = self.star_config
         mode = "gha_only" if cfg.gha_only else "interpolated"
         return f"experts={e}, hidden={d}, components={r}, {mode}, gha_lr={cfg.gha_lr}, update={cfg.update}"
+
+
+class StarLinearInput(nn.Linear):
+    """Placed right after a router class that subclasses ``nn.Linear`` (PhiMoE, Llama4) in the MRO of
+    its STAR class, so that the router's ``super().forward(x)`` passes through here: the router is
+    observed on exactly the input its weight multiplies, after anything its own forward did to it."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.training or self.__dict__.get("_star_adaptation") is not None:
+            self._star_observe(input)
+        return super().forward(input)
 
 
 class StarGateHostMixin:

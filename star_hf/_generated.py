@@ -14,6 +14,8 @@ from typing import Any
 
 import torch.nn as nn
 
+from .architectures import LOGITS_FP32_MODES
+
 # class-name prefix -> name of the mixin in star_hf.router placed in front of the base class
 _MIXINS = {"StarRouter__": "StarRouterMixin", "StarGateHost__": "StarGateHostMixin"}
 _cache: dict[tuple[str, type], type] = {}
@@ -54,9 +56,11 @@ def _generate(prefix: str, base: type) -> type:
         mixin = getattr(router, _MIXINS[prefix])
         namespace = {"__module__": __name__, "__qualname__": name, "_star_base_class": base}
         bases: tuple[type, ...] = (mixin, base)
-        if prefix == "StarRouter__" and _multiplies_through_linear_forward(base):
-            bases += (router.StarLinearInput,)
-            namespace["_star_observes_linear_input"] = True
+        if prefix == "StarRouter__":
+            namespace["_star_logits_fp32_mode"] = LOGITS_FP32_MODES.get(base.__name__, "input")
+            if _multiplies_through_linear_forward(base):
+                bases += (router.StarLinearInput,)
+                namespace["_star_observes_linear_input"] = True
         cls = type(name, bases, namespace)
         _cache[(prefix, base)] = cls
         globals()[name] = cls

@@ -8,7 +8,7 @@ Patching a router class that is not listed needs ``patch_model(..., allow_unveri
 
 from __future__ import annotations
 
-__all__ = ["VERIFIED_ROUTERS", "supported_architectures"]
+__all__ = ["LOGITS_FP32_MODES", "LOGITS_FP32_REFUSED", "VERIFIED_ROUTERS", "supported_architectures"]
 
 # router class name -> Transformers model_type
 VERIFIED_ROUTERS: dict[str, str] = {
@@ -82,6 +82,24 @@ VERIFIED_ROUTERS: dict[str, str] = {
     "DiffusionGemmaTextRouter": "diffusion_gemma",
     "Ernie4_5_VLMoeMoeTopKRouter": "ernie4_5_vl_moe",
     "DeepseekV4TopKRouter": "deepseek_v4",
+}
+
+
+# ``StarConfig(logits_fp32=True)`` in a bf16/fp16 model runs a router's forward on a float32 copy of
+# its input, so its score function and top-k see float32 logits; most MoE blocks then take the float32
+# routing weights that come out. These routers need something else (router class name -> mode):
+LOGITS_FP32_MODES: dict[str, str] = {
+    # Its scores scale the hidden states fed to bf16 experts: outputs go back to the input dtype.
+    "Llama4Router": "outputs",
+    # It upcasts to float32 itself and casts its weights to the input dtype: the input stays as is.
+    "InklingTopkRouter": "native",
+}
+# Routers whose logits go through code outside the router that cannot take float32 logits.
+LOGITS_FP32_REFUSED: dict[str, str] = {
+    "DbrxRouter": (
+        "DBRX computes its routing weights from the router logits outside the router and mixes them into "
+        "the expert outputs in the logits' dtype, so float32 logits cannot meet its bf16/fp16 experts"
+    ),
 }
 
 

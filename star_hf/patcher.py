@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from ._generated import gate_host_class_for, star_class_for
-from .architectures import supported_architectures
+from .architectures import LOGITS_FP32_REFUSED, supported_architectures
 from .checkpoint_layout import attach_checkpoint_layout_hook, detach_checkpoint_layout_hook
 from .config import StarConfig
 from .discovery import RouterSite, UnsupportedRouter, _active_named_modules, scan_routers
@@ -121,6 +121,13 @@ def _check_sites(model: nn.Module, config: StarConfig, allow_unverified: bool) -
         raise NoRouterError(
             f"no router of {type(model).__name__} matches layers_to_transform={config.layers_to_transform} / "
             f"target_modules={config.target_modules!r}; routers found: {all_paths}."
+        )
+    refused = {type(s.router).__name__ for s in sites} & set(LOGITS_FP32_REFUSED) if config.logits_fp32 else set()
+    if refused:
+        reasons = "; ".join(f"{name}: {LOGITS_FP32_REFUSED[name]}" for name in sorted(refused))
+        raise UnsupportedRouterError(
+            f"StarConfig(logits_fp32=True) is not available for {type(model).__name__} ({reasons}). "
+            "Leave logits_fp32 off (router logits then follow the model's dtype) or run the model in float32."
         )
     unverified = sorted({s.router_class_name for s in sites if not s.verified})
     if unverified and not allow_unverified:

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .config import StarConfig
 from .gha import GHAStatistics, guarded_sanger_step_, guarded_update_
@@ -31,6 +32,19 @@ STAR_PARAMETER_NAMES = ("star_linear_weight", "star_linear_bias", "star_mixing",
 STAR_BUFFER_NAMES = ("star_basis",)
 
 _nonfinite_warned = False
+
+# Fused optimizers (torch's AdamW(fused=True), the Trainer's default "adamw_torch_fused") update
+# parameters in place without bumping their version counters, so the eval cache of W_eff also keys
+# on a process-wide count of optimizer steps.
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 def warn_nonfinite_once(where: str) -> None:
@@ -77,6 +91,26 @@ def _with_first_input(args: tuple, kwargs: dict, value: torch.Tensor) -> tuple[t
     return args, kwargs
 
 
+def _float32_to(value: Any, dtype: torch.dtype) -> Any:
+    """``value`` (a router's output: a tensor or nested tuples) with its float32 tensors cast to ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.dtype == torch.float32 else value
+    if isinstance(value, tuple):
+        return tuple(_float32_to(v, dtype) for v in value)
+    return value
+
+
+def _replicated_like(basis: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The basis as a replicated DTensor when the parameters are DTensors (FSDP2 shards them outside
+    forward, e.g. in ``state_dict``), so that W_eff comes out in the parameters' own sharding."""
+    mesh = getattr(param, "device_mesh", None)
+    if mesh is None or getattr(basis, "device_mesh", None) is not None:
+        return basis
+    from torch.distributed.tensor import DTensor, Replicate
+
+    return DTensor.from_local(basis, mesh, [Replicate()] * mesh.ndim, run_check=False)
+
+
 class StarRouterMixin:
     """Mixed in front of an architecture's router (or gate ``nn.Linear``) class by the patcher.
 
@@ -89,6 +123,10 @@ class StarRouterMixin:
     # True when the router subclasses nn.Linear and its own forward may change its input before
     # nn.Linear.forward multiplies it (PhiMoE's input jitter): StarLinearInput observes it there.
     _star_observes_linear_input: bool = False
+    # How logits_fp32 reaches this router (see star_hf.architectures.LOGITS_FP32_MODES): "input" runs
+    # it on a float32 copy of its input; "native" leaves the input alone (the router upcasts it
+    # itself); "outputs" also returns its outputs in the input's dtype, for MoE code that needs that.
+    _star_logits_fp32_mode: str = "input"
 
     # ------------------------------------------------------------------ effective gate
     @property
@@ -124,7 +162,7 @@ class StarRouterMixin:
         w, b, m, a, basis = self._star_tensors()
         return tuple(
             None if t is None else (t._version, t.data_ptr(), t.device, t.dtype) for t in (basis, w, b, m, a)
-        ) + (self.star_config.logits_fp32, self.star_config.gha_only)
+        ) + (self.star_config.logits_fp32, self.star_config.gha_only, _optimizer_steps)
 
     def _star_static_factors(self) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """(s ⊙ W, (1 − s) ⊙ M, b_eff): with them W_eff = s ⊙ W + ((1 − s) ⊙ M) B is one addmm.
@@ -141,7 +179,7 @@ class StarRouterMixin:
             return s[:, None] * w.float(), (1.0 - s)[:, None] * self.star_mixing.float(), b_eff
 
     def _star_compute_effective(self, static: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        basis = self.star_basis
+        basis = _replicated_like(self.star_basis, self.star_mixing)
         if torch.is_grad_enabled():
             # Autograd keeps B for the gradient of M; GHA updates B in place, possibly before this
             # graph's backward (update="forward", several forwards per step), so it gets a snapshot.
@@ -182,8 +220,10 @@ class StarRouterMixin:
             observing = self.training or self.__dict__.get("_star_adaptation") is not None
             if observing and not self._star_observes_linear_input:
                 self._star_observe(x)
-            if self.star_config.logits_fp32 and x.dtype != torch.float32:
+            if self.star_config.logits_fp32 and x.dtype != torch.float32 and self._star_logits_fp32_mode != "native":
                 args, kwargs = _with_first_input(args, kwargs, x.float())
+                if self._star_logits_fp32_mode == "outputs":
+                    return _float32_to(super().forward(*args, **kwargs), x.dtype)
         return super().forward(*args, **kwargs)
 
     @torch.compiler.disable

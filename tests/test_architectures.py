@@ -720,3 +720,123 @@ def test_patch_after_output_hooks_were_installed(name):
     assert len(_recorded_logits(case, out)) == len(_recorded_logits(case, ref)) > 0
     for f in case.loss_fields:
         torch.testing.assert_close(getattr(out, f), getattr(ref, f), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- routers STAR refuses
+
+
+def _state(model: nn.Module) -> tuple[dict, list[type]]:
+    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
+
+
+REFUSED = {
+    # An MLP router: a down-projection, then a small MLP producing the logits.
+    "zaya": (
+        _lm("ZayaConfig", "ZayaForCausalLM", **C, head_dim=8, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=1, router_hidden_size=16),
+        "ZayaRouter",
+    ),
+    # Product keys: 2·√E key scores instead of one logit per expert.
+    "doge": (_lm("DogeConfig", "DogeForCausalLM", **C, is_moe=True, num_experts=16, num_experts_per_tok=2), "DogeCDMoE"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_router_that_is_not_a_linear_gate_is_refused_before_any_change(name):
+    build, router_class = REFUSED[name]
+    model = build()
+    before = _state(model)
+    with pytest.raises(UnsupportedRouterError, match=rf"{router_class}\): no E×D linear gate"):
+        patch_model(model, allow_unverified=True)
+    state, types = _state(model)
+    assert [type(m) for m in model.modules()] == before[1] == types
+    assert all(torch.equal(state[k], v) for k, v in before[0].items())
+
+
+def test_deepseek_v4_hash_routed_layers_are_refused_with_the_layers_to_keep():
+    """DeepSeek-V4's first layers pick experts by token id; the patcher names them and the fix."""
+    model = _original("deepseek_v4")
+    before = _state(model)
+    with pytest.raises(UnsupportedRouterError) as err:
+        patch_model(copy.deepcopy(model))
+    message = str(err.value)
+    assert "model.layers.0.mlp.gate (DeepseekV4HashRouter)" in message and "hash routing" in message
+    assert "StarConfig(layers_to_transform=[1])" in message
+    assert all(torch.equal(v, before[0][k]) for k, v in model.state_dict().items())
+    # Following the hint patches only the linear gate; the hash router keeps its stock class.
+    patched = _patched("deepseek_v4")
+    assert list(find_star_routers(patched)) == ["model.layers.1.mlp.gate"]
+    assert type(patched.model.layers[0].mlp.gate) is type(model.model.layers[0].mlp.gate)
+
+
+# ---------------------------------------------------------------------------- precision
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ernie4_5_moe",  # _keep_in_fp32_modules_strict = ["gate.weight", ...]
+        "beam",  # _keep_in_fp32_modules_strict = [..., "mlp.gate.weight"]
+        "hunyuan_v1_moe",  # nn.Linear(..., dtype=torch.float32) gate
+    ],
+)
+def test_gate_kept_in_float32_gives_float32_star_parameters_in_a_bf16_model(name, tmp_path):
+    import transformers
+
+    case = CASES[name]
+    _fresh(name).save_pretrained(tmp_path)
+    auto = transformers.AutoModelForCausalLM if case.lm else transformers.AutoModel
+    stock = auto.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    model = auto.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    sites = scan_routers(model)[0]
+    assert sites and all(s.gate.weight.dtype == torch.float32 for s in sites)
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    patch_model(model)
+    for router in find_star_routers(model).values():
+        for tensor in (router.star_linear_weight, router.star_mixing, router.star_alpha, router.star_basis):
+            assert tensor.dtype == torch.float32
+    kwargs = _inputs(case)
+    with torch.no_grad():
+        ref, out = stock(**kwargs), model(**kwargs)
+    # The gates compute in float32 on both sides: their logits agree to float32 round-off.
+    for x, y in zip(_recorded_logits(case, ref), _recorded_logits(case, out)):
+        assert x.dtype == y.dtype == torch.float32 and (x - y).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "name, logits_dtype",
+    [
+        ("mixtral", torch.float32),  # softmax, then top-k
+        ("gpt_oss", torch.float32),  # top-k, then softmax; gate bias
+        ("deepseek_v3", torch.float32),  # sigmoid, score-correction bias, group-limited top-k
+        ("switch_transformers", torch.float32),  # top-1 with expert capacity, router in float32
+        ("longcat_flash", torch.float32),  # the router reads its gate child's weight directly
+        ("inkling", torch.float32),  # upcasts itself, returns weights in the input dtype: input left as is
+        ("inkling2", torch.float32),  # upcasts its input but not its weight: stock bf16 fails, float32 W_eff runs
+        # An nn.Linear router whose scores scale the bf16 expert inputs: it routes on float32 logits
+        # and returns its outputs (scores and the recorded logits) in bf16.
+        ("llama4", torch.bfloat16),
+    ],
+)
+def test_logits_fp32_in_a_bf16_model(name, logits_dtype):
+    case = CASES[name]
+    model = patch_model(_fresh(name).to(torch.bfloat16), StarConfig(logits_fp32=True, **case.star_config))
+    for router in find_star_routers(model).values():
+        assert router.star_linear_weight.dtype == torch.bfloat16 and router.weight.dtype == torch.float32
+    kwargs = _inputs(case)
+    with torch.no_grad():
+        out = model(**kwargs)
+    assert torch.isfinite(_output(case, out)).all()
+    assert all(t.dtype == logits_dtype for t in _recorded_logits(case, out))
+    model.train()
+    model(**kwargs).loss.backward()
+    for router in find_star_routers(model).values():
+        assert torch.isfinite(router.star_linear_weight.grad).all() and router.star_pending_statistics is not None
+
+
+def test_logits_fp32_is_refused_where_the_logits_leave_the_router():
+    model = _fresh("dbrx").to(torch.bfloat16)
+    before = _state(model)
+    with pytest.raises(UnsupportedRouterError, match="logits_fp32=True.*DbrxRouter: DBRX computes its routing weights"):
+        patch_model(model, StarConfig(logits_fp32=True))
+    assert [type(m) for m in model.modules()] == before[1]
+    patch_model(model)  # bf16 logits, as the stock model computes them

@@ -100,7 +100,8 @@ def initial_tensors(
     return StarTensors(
         linear_weight=w.to(device, dtype),
         linear_bias=None if b is None else b.to(device, dtype),
-        mixing=mixing.to(device, dtype),
+        # QR returns column-major factors; FSDP2 refuses non-contiguous parameters.
+        mixing=mixing.to(device, dtype).contiguous(),
         alpha=alpha.to(device, dtype),
         basis=basis.to(device, torch.float32),
     )

@@ -2,10 +2,11 @@
 
 Usage: python -m torch.distributed.run --nproc_per_node 2 tests/ddp_worker.py OUT_DIR
 
-1. A custom DDP loop (gloo, default buffer broadcasting, gradient accumulation with no_sync) over the
-   global batches of :func:`global_batches`, each rank taking its half of every micro-batch; it
-   writes the final bases and weights to OUT_DIR/loop-rank{r}.safetensors, and the pending
-   statistics of the first step before the all-reduce to OUT_DIR/pending-rank{r}.safetensors.
+1. A custom loop under DDP (gloo, default buffer broadcasting) and then under FSDP2 (fully_shard),
+   with gradient accumulation (no gradient sync on the first micro-batch), over the global batches
+   of :func:`global_batches`, each rank taking its half of every micro-batch; it writes the final
+   state to OUT_DIR/{ddp,fsdp2}-rank{r}.safetensors and the pending statistics of the first step,
+   before the all-reduce, to OUT_DIR/pending-{ddp,fsdp2}-rank{r}.safetensors.
 2. The Trainer with StarCallback under DDP; it writes the final bases to
    OUT_DIR/trainer-rank{r}.safetensors and the logged star/ metrics to OUT_DIR/trainer-rank{r}.json.
 """
@@ -43,16 +44,43 @@ def build_model() -> torch.nn.Module:
 
 
 def state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    """Full (unsharded) copies of every state-dict tensor."""
+    out = {}
+    for k, v in model.state_dict().items():
+        v = v.full_tensor() if hasattr(v, "full_tensor") else v  # FSDP2 shards parameters as DTensors
+        out[k] = v.detach().clone().contiguous()
+    return out
 
 
-def custom_loop(rank: int, world: int, out: Path) -> None:
-    from torch.nn.parallel import DistributedDataParallel
+def wrap(model: torch.nn.Module, strategy: str):
+    """(module to call, context manager factory that skips the gradient sync of a micro-batch)."""
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
 
+        # Default buffer syncing: rank 0's buffers (the bases among them) are copied to every rank before
+        # each forward. Harmless as long as the per-step accumulators are not buffers and the bases agree.
+        ddp = DistributedDataParallel(model)
+        return ddp, ddp.no_sync
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+    @contextlib.contextmanager
+    def no_sync():
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+
+    return model, no_sync
+
+
+def custom_loop(rank: int, world: int, out: Path, strategy: str) -> None:
     model = build_model()
-    # Default buffer syncing: rank 0's buffers (the bases among them) are copied to every rank before
-    # each forward. Harmless as long as the per-step accumulators are not buffers and the bases agree.
-    ddp = DistributedDataParallel(model)
+    wrapped, no_sync = wrap(model, strategy)
     assert not any("_star_stats" in name for name, _ in model.named_buffers())
     opt = torch.optim.SGD(model.parameters(), lr=SGD_LR)
     per_rank = GLOBAL_BATCH // world
@@ -60,15 +88,15 @@ def custom_loop(rank: int, world: int, out: Path) -> None:
         for micro, batch in enumerate(micro_batches):
             ids = batch[rank * per_rank : (rank + 1) * per_rank]
             last = micro == ACCUMULATION - 1  # gradients are averaged over ranks at the last micro-batch
-            with contextlib.nullcontext() if last else ddp.no_sync():
-                (ddp(ids, labels=ids).loss / ACCUMULATION).backward()
+            with contextlib.nullcontext() if last else no_sync():
+                (wrapped(ids, labels=ids).loss / ACCUMULATION).backward()
         opt.step()
         opt.zero_grad()
         if step == 0:
             pending = {p: r.star_pending_statistics.yx.clone() for p, r in star_hf.find_star_routers(model).items()}
-            save_file(pending, str(out / f"pending-rank{rank}.safetensors"))
-        assert star_hf.gha_step(ddp) == 2
-    save_file(state_of(model), str(out / f"loop-rank{rank}.safetensors"))
+            save_file(pending, str(out / f"pending-{strategy}-rank{rank}.safetensors"))
+        assert star_hf.gha_step(wrapped) == 2
+    save_file(state_of(model), str(out / f"{strategy}-rank{rank}.safetensors"))
 
 
 class TokenRows(torch.utils.data.Dataset):
@@ -125,8 +153,9 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
-        custom_loop(rank, world, out)
-        dist.barrier()
+        for strategy in ("ddp", "fsdp2"):
+            custom_loop(rank, world, out, strategy)
+            dist.barrier()
         trainer_run(rank, out)
     finally:
         dist.destroy_process_group()

@@ -1,4 +1,4 @@
-"""Two CPU processes (gloo, launched with torch.distributed.run) train a patched model under DDP.
+"""Two CPU processes (gloo, launched with torch.distributed.run) train a patched model under DDP and FSDP2.
 
 Checks that the GHA statistics are summed over ranks before each update: the bases of both ranks
 are bit-identical and equal (float32 round-off) to one process training on the global batches, and
@@ -56,8 +56,9 @@ def single_process_reference() -> dict[str, torch.Tensor]:
     return state_of(model)
 
 
-def test_bases_are_bit_identical_across_ranks_and_equal_one_process_on_the_global_batch(ranks):
-    rank0, rank1 = (load_file(ranks / f"loop-rank{r}.safetensors") for r in (0, 1))
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_bases_are_bit_identical_across_ranks_and_equal_one_process_on_the_global_batch(ranks, strategy):
+    rank0, rank1 = (load_file(ranks / f"{strategy}-rank{r}.safetensors") for r in (0, 1))
     reference = single_process_reference()
     basis_keys = [k for k in rank0 if k.endswith("star_basis")]
     assert len(basis_keys) == 2
@@ -68,8 +69,9 @@ def test_bases_are_bit_identical_across_ranks_and_equal_one_process_on_the_globa
         torch.testing.assert_close(rank0[key], reference[key], rtol=1e-5, atol=1e-6)
 
 
-def test_ranks_accumulate_their_own_statistics_despite_buffer_broadcasting(ranks):
-    pending0, pending1 = (load_file(ranks / f"pending-rank{r}.safetensors") for r in (0, 1))
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_ranks_accumulate_their_own_statistics_despite_buffer_broadcasting(ranks, strategy):
+    pending0, pending1 = (load_file(ranks / f"pending-{strategy}-rank{r}.safetensors") for r in (0, 1))
     for key in pending0:  # different data per rank, not overwritten by rank 0's buffers
         assert not torch.allclose(pending0[key], pending1[key])
 

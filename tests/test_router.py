@@ -205,6 +205,23 @@ def test_eval_weight_is_cached_until_a_parameter_or_the_basis_changes(input_ids)
     assert router.weight.requires_grad
 
 
+def test_eval_cache_sees_fused_optimizer_steps(input_ids):
+    # Fused AdamW (the Trainer's default) updates parameters without bumping their version counters.
+    model = patch_model(tiny_mixtral())
+    router = next(iter(find_star_routers(model).values()))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    model.eval()
+    with torch.no_grad():
+        stale = router.weight.clone()
+    model.train()
+    model(input_ids, labels=input_ids).loss.backward()
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        assert not torch.equal(router.weight, stale)
+        torch.testing.assert_close(router.weight, router._star_compute_effective()[0], rtol=0, atol=0)
+
+
 def test_non_finite_inputs_skip_the_update_and_warn_once(input_ids):
     model = patch_model(tiny_mixtral(), StarConfig(gha_lr=0.1)).train()
     routers = list(find_star_routers(model).values())

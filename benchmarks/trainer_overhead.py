@@ -6,7 +6,8 @@ weights and see the same batches. A step is timed from one ``on_step_begin`` to 
 includes the forward/backward, the optimizer, the GHA update (StarCallback's ``on_step_end``) and
 the routing metrics added to the logs every ``--logging-steps``. Rounds alternate
 (linear, STAR, linear, STAR, ...) and each round trains a fresh Trainer for ``--warmup`` untimed and
-``--steps`` timed steps; the reported overhead is the median over rounds of t_STAR / t_linear.
+``--steps`` timed steps; the reported overhead is the median over rounds of t_STAR / t_linear, for
+wall time and for the process's CPU time (steadier when other jobs share the CPU).
 
 Usage:
     python benchmarks/trainer_overhead.py                 # writes benchmarks/results/trainer_overhead.json
@@ -46,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argpa
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds per variant")
     p.add_argument("--steps", type=int, default=30, help="timed optimizer steps per round")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps at the start of each round")
-    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: steadiest on a shared CPU)")
     p.add_argument("--out-dir", type=Path, default=_common.RESULTS_DIR)
     p.add_argument("--smoke", action="store_true", help="seconds: 1 round of 2 steps on the recipe's smoke model")
     args, recipe_argv = p.parse_known_args(argv)
@@ -57,20 +58,20 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argpa
     return args, recipe_args
 
 
-def timed_round(model, dataset, recipe_args, args: argparse.Namespace, star: bool, out: Path) -> float:
-    """Seconds for ``args.steps`` Trainer steps after ``args.warmup`` untimed ones."""
+def timed_round(model, dataset, recipe_args, args: argparse.Namespace, star: bool, out: Path) -> tuple[float, float]:
+    """(wall, process CPU) seconds for ``args.steps`` Trainer steps after ``args.warmup`` untimed ones."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     import star_hf
 
-    stamps: list[float] = []
+    stamps: list[tuple[float, float]] = []
 
     class StepClock(TrainerCallback):
         def on_step_begin(self, a, state, control, **kwargs):
-            stamps.append(time.perf_counter())
+            stamps.append((time.perf_counter(), time.process_time()))
 
         def on_train_end(self, a, state, control, **kwargs):
-            stamps.append(time.perf_counter())
+            stamps.append((time.perf_counter(), time.process_time()))
 
     training_args = TrainingArguments(
         output_dir=str(out),
@@ -86,7 +87,8 @@ def timed_round(model, dataset, recipe_args, args: argparse.Namespace, star: boo
     )
     callbacks = [StepClock()] + ([star_hf.StarCallback()] if star else [])
     Trainer(model=model, args=training_args, train_dataset=dataset, callbacks=callbacks).train()
-    return stamps[-1] - stamps[args.warmup]
+    (wall0, cpu0), (wall1, cpu1) = stamps[args.warmup], stamps[-1]
+    return wall1 - wall0, cpu1 - cpu0
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -112,18 +114,25 @@ def main(argv: list[str] | None = None) -> dict:
         "linear": copy.deepcopy(base),
         "star": star_hf.patch_model(copy.deepcopy(base), star_hf.StarConfig(gha_lr=recipe_args.gha_lr)),
     }
-    times: dict[str, list[float]] = {"linear": [], "star": []}
+    wall: dict[str, list[float]] = {"linear": [], "star": []}
+    cpu: dict[str, list[float]] = {"linear": [], "star": []}
     for r in range(args.rounds):
         for name, model in models.items():
             with tempfile.TemporaryDirectory() as scratch:
-                seconds = timed_round(model, dataset, recipe_args, args, name == "star", Path(scratch))
-            times[name].append(seconds)
-            print(f"round {r}: {name:6s} {1000 * seconds / args.steps:8.2f} ms/step")
-    ratios = [s / lin for s, lin in zip(times["star"], times["linear"])]
+                seconds, cpu_seconds = timed_round(model, dataset, recipe_args, args, name == "star", Path(scratch))
+            wall[name].append(seconds)
+            cpu[name].append(cpu_seconds)
+            print(f"round {r}: {name:6s} {1000 * seconds / args.steps:8.2f} ms/step wall, "
+                  f"{1000 * cpu_seconds / args.steps:8.2f} ms/step CPU")
+    ratios = [s / lin for s, lin in zip(wall["star"], wall["linear"])]
+    cpu_ratios = [s / lin for s, lin in zip(cpu["star"], cpu["linear"])]
     result = {
         "ratio_median": statistics.median(ratios),
         "ratios": ratios,
-        "ms_per_step": {k: [1000 * t / args.steps for t in v] for k, v in times.items()},
+        "cpu_ratio_median": statistics.median(cpu_ratios),
+        "cpu_ratios": cpu_ratios,
+        "ms_per_step": {k: [1000 * t / args.steps for t in v] for k, v in wall.items()},
+        "cpu_ms_per_step": {k: [1000 * t / args.steps for t in v] for k, v in cpu.items()},
         "model": {
             "hidden_size": recipe_args.hidden_size,
             "layers": recipe_args.layers,
@@ -140,8 +149,9 @@ def main(argv: list[str] | None = None) -> dict:
         },
     }
     path = _common.write_json(args.out_dir / f"{NAME}{'_smoke' if args.smoke else ''}.json", result)
-    print(f"STAR + StarCallback / linear Trainer step time: median {result['ratio_median']:.3f}x "
-          f"over {args.rounds} rounds ({', '.join(f'{x:.3f}' for x in ratios)}); wrote {path}")
+    print(f"STAR + StarCallback / linear Trainer step time: median {result['ratio_median']:.3f}x wall "
+          f"({', '.join(f'{x:.3f}' for x in ratios)}), {result['cpu_ratio_median']:.3f}x CPU time "
+          f"({', '.join(f'{x:.3f}' for x in cpu_ratios)}) over {args.rounds} rounds; wrote {path}")
     return result
 
 

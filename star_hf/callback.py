@@ -54,6 +54,9 @@ class StarCallback(TrainerCallback, ExportableState):
             to 0 at ``max_steps``, with the same formulas as Transformers' LR schedules.
         warmup_steps: optimizer steps of linear warm-up from 0 before the schedule.
         log_metrics: add routing metrics (``star/...``) to the Trainer's logs every ``logging_steps``.
+
+    With ``StarConfig(update="forward")`` the routers update themselves in every training forward
+    (at ``star_config.gha_lr``, as the reference does); the callback then only logs and checks.
     """
 
     def __init__(

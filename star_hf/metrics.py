@@ -128,9 +128,9 @@ def load_statistics(load: torch.Tensor) -> tuple[float, float]:
 
 
 def orthonormality_error(basis: torch.Tensor) -> float:
-    """‖B Bᵀ − I‖_F in float64."""
-    b = basis.detach().double()
-    return float(torch.linalg.matrix_norm(b @ b.t() - torch.eye(b.shape[0], dtype=b.dtype, device=b.device)))
+    """‖B Bᵀ − I‖_F, in float64 on the CPU (an R×R product: negligible, and every backend has float64)."""
+    b = basis.detach().cpu().double()
+    return float(torch.linalg.matrix_norm(b @ b.t() - torch.eye(b.shape[0], dtype=b.dtype)))
 
 
 def _top_k(module: nn.Module) -> int | None:
@@ -206,6 +206,8 @@ class _LayerTracker:
         return None, None
 
     def _count(self, decision: torch.Tensor, num_tokens: int) -> None:
+        if decision.device != self.counts.device:  # the model moved after the monitor started
+            self._move_to(decision.device)
         weight = current_token_weight(num_tokens)
         if weight is not None:
             weight = weight.reshape(-1).to(device=self.counts.device, dtype=torch.float32)
@@ -224,7 +226,15 @@ class _LayerTracker:
         self.counts.index_add_(0, indices.reshape(-1).to(self.counts.device), values)
 
     # ---------------------------------------------------------------- drift
+    def _move_to(self, device: torch.device) -> None:
+        self.counts = self.counts.to(device)
+        self.drift_sum = self.drift_sum.to(device)
+        self.previous = self.previous.to(device)
+        self.drift = None if self.drift is None else self.drift.to(device)
+
     def before_update(self) -> None:
+        if self.previous.device != self.router.star_basis.device:
+            self._move_to(self.router.star_basis.device)
         self.previous.copy_(self.router.star_basis)
 
     def after_update(self) -> None:
@@ -316,8 +326,8 @@ class RoutingMonitor:
         rows, loads = [], []
         for path, t in self.trackers.items():
             counts0, drift0, steps0 = self._marks[path]
-            loads.append(t.counts - counts0)
-            rows.append((path, t, t.drift_sum - drift0, t.drift_steps - steps0))
+            loads.append(t.counts - counts0.to(t.counts.device))
+            rows.append((path, t, t.drift_sum - drift0.to(t.drift_sum.device), t.drift_steps - steps0))
             self._marks[path] = t.mark()
         if all_reduce and loads and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             flat = torch.cat(loads)

@@ -78,6 +78,32 @@ def test_resume_refuses_a_checkpoint_whose_bases_were_not_loaded(tmp_path):
         _trainer(resumed, tmp_path, max_steps=2).train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
 
 
+def test_load_best_model_at_end_restores_the_best_checkpoint_exactly(tmp_path):
+    """``Trainer._load_best_model`` has the same plain ``load_state_dict`` as resuming."""
+    model = patch_model(tiny_mixtral())
+    data = TokenDataset(8)
+    args = training_args(
+        tmp_path,
+        max_steps=3,
+        eval_strategy="steps",
+        eval_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        learning_rate=0.05,  # large enough for the evaluation loss to differ between checkpoints
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data, callbacks=[StarCallback(gha_lr=0.1)])
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-3")  # the last state is not the best one
+    saved = to_model_layout(model, load_file(f"{best}/model.safetensors"))
+    for key, value in model.state_dict().items():
+        if key in saved:
+            torch.testing.assert_close(value, saved[key], rtol=0, atol=0, msg=lambda m: f"{key}: {m}")
+    assert all(k in saved for k in model.state_dict() if "star_" in k or "experts" in k)
+
+
 def _trained(build):
     model = patch_model(build(), StarConfig(gha_lr=0.1))
     ids = TokenDataset(4).ids

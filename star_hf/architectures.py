@@ -20,6 +20,7 @@ VERIFIED_ROUTERS: dict[str, str] = {
     "Qwen4ExpTextTopKRouter": "qwen4_exp",
     "Qwen3VLMoeTextTopKRouter": "qwen3_vl_moe",
     "Qwen3OmniMoeThinkerTextTopKRouter": "qwen3_omni_moe",
+    "Qwen3OmniMoeTalkerTextTopKRouter": "qwen3_omni_moe",
     "OlmoeTopKRouter": "olmoe",
     "FlexOlmoTopKRouter": "flex_olmo",
     "GptOssTopKRouter": "gpt_oss",

@@ -51,7 +51,7 @@ class Case:
             compute none, which the tests then check they indeed do not report.
         recorded: maps the gate logits of each router call in a forward, ``[(router, z), ...]``, and
             the forward's inputs to what Transformers records (``None``: the logits themselves).
-        inputs: extra forward inputs, given the ``input_ids``.
+        inputs: the model inputs, given random ``input_ids`` (``None``: just those ids).
         star_config: ``StarConfig`` arguments (for architectures where some layers must be left out).
     """
 
@@ -80,6 +80,22 @@ def _lm(config: str, model: str, **kwargs: Any) -> Callable[[], nn.Module]:
     return build
 
 
+def _initialised(build: Callable[[], nn.Module], parts: tuple[str, ...]) -> Callable[[], nn.Module]:
+    """``build`` with the parameters whose names contain one of ``parts`` drawn from N(0, 0.02²), for
+    models whose ``_init_weights`` leaves them uninitialised or at zero."""
+
+    def build_initialised() -> nn.Module:
+        model = build()
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if any(part in name for part in parts):
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+        return model
+
+    return build_initialised
+
+
 # Tiny shapes: hidden 32, 2 layers, 4 experts (top-2) wherever the config allows.
 C = {**COMMON, "pad_token_id": 0}
 MOE = {"num_experts_per_tok": 2}
@@ -98,6 +114,14 @@ DEEPSEEK = {
     "qk_nope_head_dim": 8,
     "v_head_dim": 8,
 }
+LLAMA4_MOE = {
+    "head_dim": 8,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 1,
+    "intermediate_size_mlp": 64,
+    "interleave_moe_layer_step": 1,
+    "attention_chunk_size": 16,
+}
 HYBRID = ["linear_attention", "full_attention"]
 LINEAR_ATTENTION = {
     "linear_num_value_heads": 4,
@@ -105,6 +129,20 @@ LINEAR_ATTENTION = {
     "linear_key_head_dim": 8,
     "linear_value_head_dim": 8,
 }
+VISION_START, IMAGE, VISION_END = 120, 121, 122  # multimodal special tokens of the tiny configs
+QWEN_VISION = {
+    "depth": 1,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_heads": 2,
+    "patch_size": 4,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "out_hidden_size": COMMON["hidden_size"],
+    "num_position_embeddings": 16,
+    "deepstack_visual_indexes": [0],
+}
+MROPE = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 1, 1]}  # head_dim 8
 NO_AUX = ()  # the architecture computes no aux loss from its router logits (checked: it reports none)
 BASE_MODEL = {"lm": False, "loss_fields": NO_AUX}  # a *TextModel: hidden states out, no loss
 
@@ -134,7 +172,24 @@ def _vision_tokens(input_ids: torch.Tensor) -> dict:
     # Ernie-4.5-VL sends each token to its modality's MoE block; the last 4 of each row are "vision".
     types = torch.zeros_like(input_ids)
     types[:, -4:] = 1
-    return {"moe_mm_token_type_ids": types}
+    return {"input_ids": input_ids, "moe_mm_token_type_ids": types}
+
+
+def _image(input_ids: torch.Tensor) -> dict:
+    # One 8×8 image per row (2×2 patches of 4 pixels, merged into one token) between vision markers.
+    ids = input_ids.clone()
+    ids[:, 2:5] = torch.tensor([VISION_START, IMAGE, VISION_END])
+    return {
+        "input_ids": ids,
+        "mm_token_type_ids": (ids == IMAGE).long(),
+        "pixel_values": torch.randn(8, 3 * 2 * 4 * 4, generator=torch.Generator().manual_seed(2)),
+        "image_grid_thw": torch.tensor([[1, 2, 2], [1, 2, 2]]),
+    }
+
+
+def _embeddings(input_ids: torch.Tensor) -> dict:
+    # Qwen3-Omni's talker is driven by embeddings from the thinker, not by token ids.
+    return {"inputs_embeds": torch.randn(*input_ids.shape, COMMON["hidden_size"], generator=torch.Generator().manual_seed(2))}
 
 
 def _modality_scatter(calls: list[tuple[nn.Module, torch.Tensor]], inputs: dict) -> list[torch.Tensor]:
@@ -184,16 +239,42 @@ CASES: dict[str, Case] = {
         2,
     ),
     "qwen3_vl_moe": Case(
-        _lm("Qwen3VLMoeTextConfig", "Qwen3VLMoeTextModel", **C, **MOE, head_dim=8, moe_intermediate_size=32, num_experts=4, decoder_sparse_step=1, mlp_only_layers=[]),
+        _lm(
+            "Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration",
+            text_config={**C, **MOE, "head_dim": 8, "moe_intermediate_size": 32, "num_experts": 4, "rope_parameters": MROPE},
+            vision_config=QWEN_VISION, image_token_id=IMAGE, video_token_id=123, vision_start_token_id=VISION_START,
+            vision_end_token_id=VISION_END,
+        ),
         ("Qwen3VLMoeTextTopKRouter",),
         2,
-        **BASE_MODEL,
+        inputs=_image,
     ),
     "qwen3_omni_moe": Case(
-        _lm("Qwen3OmniMoeTextConfig", "Qwen3OmniMoeThinkerTextModel", **C, **MOE, moe_intermediate_size=32, num_experts=4, decoder_sparse_step=1, mlp_only_layers=[]),
+        _lm(
+            "Qwen3OmniMoeThinkerConfig", "Qwen3OmniMoeThinkerForConditionalGeneration",
+            text_config={**C, **MOE, "head_dim": 8, "moe_intermediate_size": 32, "num_experts": 4, "rope_parameters": MROPE},
+            vision_config=QWEN_VISION,
+            audio_config={"d_model": 16, "encoder_layers": 1, "encoder_attention_heads": 2, "encoder_ffn_dim": 32,
+                          "output_dim": COMMON["hidden_size"], "num_mel_bins": 16, "downsample_hidden_size": 8},
+            audio_start_token_id=119, user_token_id=118, audio_token_id=123, image_token_id=IMAGE, video_token_id=124,
+        ),
         ("Qwen3OmniMoeThinkerTextTopKRouter",),
         2,
+    ),
+    # Transformers 5.23 leaves the talker's expert and gate weights uninitialised.
+    "qwen3_omni_moe_talker": Case(
+        _initialised(
+            _lm(
+                "Qwen3OmniMoeTalkerTextConfig", "Qwen3OmniMoeTalkerModel", **C, **MOE, moe_intermediate_size=32, num_experts=4,
+                shared_expert_intermediate_size=32,
+            ),
+            ("mlp.experts.", "mlp.gate."),
+        ),
+        ("Qwen3OmniMoeTalkerTextTopKRouter",),
+        2,
         **BASE_MODEL,
+        inputs=_embeddings,
+        model_type="qwen3_omni_moe",
     ),
     "olmoe": Case(_lm("OlmoeConfig", "OlmoeForCausalLM", **C, **MOE, num_experts=4), ("OlmoeTopKRouter",), 2),
     "flex_olmo": Case(_lm("FlexOlmoConfig", "FlexOlmoForCausalLM", **C, **MOE, num_experts=4), ("FlexOlmoTopKRouter",), 2),
@@ -467,12 +548,19 @@ CASES: dict[str, Case] = {
     ),
     "llama4": Case(
         _lm(
-            "Llama4TextConfig", "Llama4ForCausalLM", **C, head_dim=8, num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=64,
-            interleave_moe_layer_step=1, attention_chunk_size=16,
+            "Llama4Config", "Llama4ForConditionalGeneration",
+            text_config={**C, **LLAMA4_MOE},
+            vision_config={"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
+                           "vision_output_dim": 16, "image_size": 16, "patch_size": 4, "projector_input_dim": 16,
+                           "projector_output_dim": COMMON["hidden_size"]},
+            boi_token_index=VISION_START, eoi_token_index=VISION_END, image_token_index=IMAGE,
         ),
         ("Llama4Router",),
         2,
         loss_fields=NO_AUX,
+    ),
+    "llama4_text": Case(
+        _lm("Llama4TextConfig", "Llama4ForCausalLM", **C, **LLAMA4_MOE), ("Llama4Router",), 2, loss_fields=NO_AUX, model_type="llama4"
     ),
     # ---------------------------------------------------------------- child nn.Linear gates
     "switch_transformers": Case(
@@ -526,10 +614,14 @@ CASES: dict[str, Case] = {
         2,
         loss_fields=NO_AUX,
     ),
+    # Afmoe initialises its gates to zero (all logits tie); the test gives them real weights.
     "afmoe": Case(
-        _lm(
-            "AfmoeConfig", "AfmoeForCausalLM", **C, **MOE, moe_intermediate_size=32, head_dim=8, num_experts=4, sliding_window=16,
-            num_shared_experts=1, num_dense_layers=0,
+        _initialised(
+            _lm(
+                "AfmoeConfig", "AfmoeForCausalLM", **C, **MOE, moe_intermediate_size=32, head_dim=8, num_experts=4,
+                sliding_window=16, num_shared_experts=1, num_dense_layers=0,
+            ),
+            ("router.gate.",),
         ),
         ("AfmoeTokenChoiceRouter",),
         2,
@@ -601,12 +693,10 @@ def _patched(name: str) -> nn.Module:
 
 def _inputs(case: Case) -> dict:
     ids = torch.randint(1, 100, (2, 10), generator=torch.Generator().manual_seed(1))
-    kwargs = {"input_ids": ids, "output_router_logits": True}
+    kwargs = {"input_ids": ids} if case.inputs is None else case.inputs(ids)
     if case.lm:
-        kwargs["labels"] = ids
-    if case.inputs is not None:
-        kwargs.update(case.inputs(ids))
-    return kwargs
+        kwargs["labels"] = kwargs["input_ids"]
+    return {**kwargs, "output_router_logits": True}
 
 
 def _output(case: Case, out) -> torch.Tensor:
@@ -840,3 +930,24 @@ def test_logits_fp32_is_refused_where_the_logits_leave_the_router():
         patch_model(model, StarConfig(logits_fp32=True))
     assert [type(m) for m in model.modules()] == before[1]
     patch_model(model)  # bf16 logits, as the stock model computes them
+
+
+@pytest.mark.parametrize("name", ["deepseek_v4", "inkling"])
+def test_score_correction_bias_survives_the_checkpoint_rename(name, tmp_path):
+    """DeepSeek-V4 (and Inkling's conversion rules) store e_score_correction_bias as ``gate.bias``:
+    a patched checkpoint must load in plain Transformers with those biases and the folded gates."""
+    import transformers
+
+    case = CASES[name]
+    model = _patched(name)
+    with torch.no_grad():
+        for buffer_name, buffer in model.named_buffers():
+            if buffer_name.endswith("e_score_correction_bias"):
+                buffer.uniform_(-0.5, 0.5, generator=torch.Generator().manual_seed(3))
+    model.save_pretrained(tmp_path)
+    stock = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    kwargs = _inputs(case)
+    with torch.no_grad():
+        assert (_output(case, stock(**kwargs)) - _output(case, model(**kwargs))).abs().max() <= 1e-5
+    biases = {k: v for k, v in model.named_buffers() if k.endswith("e_score_correction_bias")}
+    assert biases and all(torch.equal(dict(stock.named_buffers())[k], v) for k, v in biases.items())

@@ -46,6 +46,11 @@ class RouterAdaptation:
 
     lr: float
 
+    def __deepcopy__(self, memo: dict) -> None:
+        # A deep copy of an adapting model is out of reach of the handle (it could never be
+        # disabled or reset), so the copy does not adapt.
+        return None
+
 
 def _check_lr(lr: float | None) -> None:
     if lr is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -280,6 +281,10 @@ def test_handle_reset_disable_and_context_manager(model, input_ids):
         handle.reset()
     with star_hf.enable_test_time_adaptation(model, mode="episodic") as again:
         model(input_ids)
+        clone = copy.deepcopy(model)  # out of the handle's reach, so it does not adapt
+        cloned = bases(clone)
+        clone(input_ids)
+        assert all(torch.equal(b, cloned[p]) for p, b in bases(clone).items())
     assert not again.active
     assert all(torch.equal(b, adapted[p]) for p, b in bases(model).items())  # episodic restored
 
@@ -301,3 +306,23 @@ def test_non_finite_inputs_skip_the_update_and_are_counted(model, input_ids):
         counts = [r.star_skipped_updates for r in find_star_routers(model).values()]
     assert counts == [1, 1]
     assert all(not torch.equal(b, before[p]) and torch.isfinite(b).all() for p, b in bases(model).items())
+
+
+def test_recipe_smoke_run_reports_every_domain_and_condition(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "test_time_adaptation.py"
+    spec = importlib.util.spec_from_file_location("test_time_adaptation_recipe", path)
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    out = recipe.main(["--smoke", "--threads", "1", "--output-dir", str(tmp_path)])
+    assert json.loads((tmp_path / "results.json").read_text())["table"] == out["table"]
+    assert (tmp_path / "table.md").read_text().strip() == out["table"]
+    for corpus in ("docstrings", "source"):
+        rows = out["summary"][corpus]
+        assert set(rows) == {"frozen"} | {f"TTA {how} (η={lr:g})" for how in ("per batch", "stream") for lr in (1e-3, 1e-2)}
+        assert rows["frozen"]["drift"]["mean"] == 0 and rows["frozen"]["fluctuation"]["mean"] == 0
+        assert rows["TTA stream (η=0.01)"]["drift"]["mean"] > rows["TTA per batch (η=0.01)"]["drift"]["mean"] > 0
+        assert all(math.isfinite(m["mean"]) for row in rows.values() for m in row.values())

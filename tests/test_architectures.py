@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -729,6 +731,14 @@ def test_every_verified_router_class_has_a_case():
     assert covered == VERIFIED_ROUTERS
 
 
+def test_readme_lists_exactly_the_verified_routers():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("### Supported architectures") :]
+    section = section[: section.index("\n## ")]
+    rows = re.findall(r"^\| ([\w-]+) \| (\w+) \| ", section, flags=re.M)
+    assert {cls: model_type for model_type, cls in rows if cls != "router"} == VERIFIED_ROUTERS
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_patch_changes_only_the_gates(name):
     case = CASES[name]
@@ -866,6 +876,8 @@ def test_deepseek_v4_hash_routed_layers_are_refused_with_the_layers_to_keep():
     [
         "ernie4_5_moe",  # _keep_in_fp32_modules_strict = ["gate.weight", ...]
         "beam",  # _keep_in_fp32_modules_strict = [..., "mlp.gate.weight"]
+        "flint",  # _keep_in_fp32_modules_strict = ["gate.weight", ...]
+        "mistral_large4",  # _keep_in_fp32_modules_strict = [..., "mlp.gate.weight"]
         "hunyuan_v1_moe",  # nn.Linear(..., dtype=torch.float32) gate
     ],
 )

@@ -1,16 +1,18 @@
-"""The architectures star_hf is verified on.
+"""The architectures star_hf is verified on, and how ``logits_fp32`` meets a few of them.
 
-The patcher itself is generic (see :mod:`star_hf.discovery`); this table records which router
-classes have a test in ``tests/test_architectures.py`` with a tiny model built from their config
-(preserve-exactness, gradients reaching the STAR parameters, aux loss / router logits intact).
-Patching a router class that is not listed needs ``patch_model(..., allow_unverified=True)``.
+The patcher itself is generic (see :mod:`star_hf.discovery`); ``VERIFIED_ROUTERS`` records the router
+classes of Transformers 5.23 that have a case in ``tests/test_architectures.py``, a tiny model built
+from their config: outputs, recorded router logits and aux / z losses unchanged and no other weight
+touched, gradients reaching the STAR parameters, statistics collected on exactly the input each gate
+multiplies, patching after Transformers' output hooks were installed. Patching a router class that is
+not listed needs ``patch_model(..., allow_unverified=True)``.
 """
 
 from __future__ import annotations
 
 __all__ = ["LOGITS_FP32_MODES", "LOGITS_FP32_REFUSED", "VERIFIED_ROUTERS", "supported_architectures"]
 
-# router class name -> Transformers model_type
+# router class name -> Transformers model_type (of the family: multimodal text routers map to the wrapper's)
 VERIFIED_ROUTERS: dict[str, str] = {
     "MixtralTopKRouter": "mixtral",
     "Qwen2MoeTopKRouter": "qwen2_moe",

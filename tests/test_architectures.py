@@ -20,9 +20,10 @@ from __future__ import annotations
 import copy
 import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -191,7 +192,11 @@ def _image(input_ids: torch.Tensor) -> dict:
 
 def _embeddings(input_ids: torch.Tensor) -> dict:
     # Qwen3-Omni's talker is driven by embeddings from the thinker, not by token ids.
-    return {"inputs_embeds": torch.randn(*input_ids.shape, COMMON["hidden_size"], generator=torch.Generator().manual_seed(2))}
+    return {
+        "inputs_embeds": torch.randn(
+            *input_ids.shape, COMMON["hidden_size"], generator=torch.Generator().manual_seed(2)
+        )
+    }
 
 
 def _modality_scatter(calls: list[tuple[nn.Module, torch.Tensor]], inputs: dict) -> list[torch.Tensor]:
@@ -211,40 +216,92 @@ CASES: dict[str, Case] = {
     "mixtral": Case(lambda: tiny_mixtral(router_jitter_noise=0.1), ("MixtralTopKRouter",), 2),
     "qwen2_moe": Case(tiny_qwen2_moe, ("Qwen2MoeTopKRouter",), 2),
     "qwen3_moe": Case(
-        _lm("Qwen3MoeConfig", "Qwen3MoeForCausalLM", **C, **MOE, moe_intermediate_size=32, num_experts=4, decoder_sparse_step=1, mlp_only_layers=[]),
+        _lm(
+            "Qwen3MoeConfig",
+            "Qwen3MoeForCausalLM",
+            **C,
+            **MOE,
+            moe_intermediate_size=32,
+            num_experts=4,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+        ),
         ("Qwen3MoeTopKRouter",),
         2,
     ),
     "qwen3_next": Case(
         _lm(
-            "Qwen3NextConfig", "Qwen3NextForCausalLM", **C, **MOE, **LINEAR_ATTENTION, head_dim=8, moe_intermediate_size=32,
-            shared_expert_intermediate_size=32, num_experts=4, decoder_sparse_step=1, mlp_only_layers=[], layer_types=HYBRID,
+            "Qwen3NextConfig",
+            "Qwen3NextForCausalLM",
+            **C,
+            **MOE,
+            **LINEAR_ATTENTION,
+            head_dim=8,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=32,
+            num_experts=4,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            layer_types=HYBRID,
         ),
         ("Qwen3NextTopKRouter",),
         2,
     ),
     "qwen3_5_moe": Case(
         _lm(
-            "Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", **C, **MOE, **LINEAR_ATTENTION, head_dim=8, moe_intermediate_size=32,
-            shared_expert_intermediate_size=32, num_experts=4, layer_types=HYBRID,
+            "Qwen3_5MoeTextConfig",
+            "Qwen3_5MoeForCausalLM",
+            **C,
+            **MOE,
+            **LINEAR_ATTENTION,
+            head_dim=8,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=32,
+            num_experts=4,
+            layer_types=HYBRID,
         ),
         ("Qwen3_5MoeTopKRouter",),
         2,
     ),
     "qwen4_exp": Case(
         _lm(
-            "Qwen4ExpTextConfig", "Qwen4ExpForCausalLM", **C, **MOE, **LINEAR_ATTENTION, head_dim=8, moe_intermediate_size=32,
-            shared_expert_intermediate_size=32, num_experts=4, layer_types=["linear_attention", "indexed_attention"], hc_count=2,
-            hc_lowrank=8, indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=8, indexer_compress_ratio=4,
+            "Qwen4ExpTextConfig",
+            "Qwen4ExpForCausalLM",
+            **C,
+            **MOE,
+            **LINEAR_ATTENTION,
+            head_dim=8,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=32,
+            num_experts=4,
+            layer_types=["linear_attention", "indexed_attention"],
+            hc_count=2,
+            hc_lowrank=8,
+            indexer_n_heads=2,
+            indexer_kv_heads=1,
+            indexer_head_dim=8,
+            indexer_budget=8,
+            indexer_compress_ratio=4,
         ),
         ("Qwen4ExpTextTopKRouter",),
         2,
     ),
     "qwen3_vl_moe": Case(
         _lm(
-            "Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration",
-            text_config={**C, **MOE, "head_dim": 8, "moe_intermediate_size": 32, "num_experts": 4, "rope_parameters": MROPE},
-            vision_config=QWEN_VISION, image_token_id=IMAGE, video_token_id=123, vision_start_token_id=VISION_START,
+            "Qwen3VLMoeConfig",
+            "Qwen3VLMoeForConditionalGeneration",
+            text_config={
+                **C,
+                **MOE,
+                "head_dim": 8,
+                "moe_intermediate_size": 32,
+                "num_experts": 4,
+                "rope_parameters": MROPE,
+            },
+            vision_config=QWEN_VISION,
+            image_token_id=IMAGE,
+            video_token_id=123,
+            vision_start_token_id=VISION_START,
             vision_end_token_id=VISION_END,
         ),
         ("Qwen3VLMoeTextTopKRouter",),
@@ -253,12 +310,31 @@ CASES: dict[str, Case] = {
     ),
     "qwen3_omni_moe": Case(
         _lm(
-            "Qwen3OmniMoeThinkerConfig", "Qwen3OmniMoeThinkerForConditionalGeneration",
-            text_config={**C, **MOE, "head_dim": 8, "moe_intermediate_size": 32, "num_experts": 4, "rope_parameters": MROPE},
+            "Qwen3OmniMoeThinkerConfig",
+            "Qwen3OmniMoeThinkerForConditionalGeneration",
+            text_config={
+                **C,
+                **MOE,
+                "head_dim": 8,
+                "moe_intermediate_size": 32,
+                "num_experts": 4,
+                "rope_parameters": MROPE,
+            },
             vision_config=QWEN_VISION,
-            audio_config={"d_model": 16, "encoder_layers": 1, "encoder_attention_heads": 2, "encoder_ffn_dim": 32,
-                          "output_dim": COMMON["hidden_size"], "num_mel_bins": 16, "downsample_hidden_size": 8},
-            audio_start_token_id=119, user_token_id=118, audio_token_id=123, image_token_id=IMAGE, video_token_id=124,
+            audio_config={
+                "d_model": 16,
+                "encoder_layers": 1,
+                "encoder_attention_heads": 2,
+                "encoder_ffn_dim": 32,
+                "output_dim": COMMON["hidden_size"],
+                "num_mel_bins": 16,
+                "downsample_hidden_size": 8,
+            },
+            audio_start_token_id=119,
+            user_token_id=118,
+            audio_token_id=123,
+            image_token_id=IMAGE,
+            video_token_id=124,
         ),
         ("Qwen3OmniMoeThinkerTextTopKRouter",),
         2,
@@ -267,7 +343,12 @@ CASES: dict[str, Case] = {
     "qwen3_omni_moe_talker": Case(
         _initialised(
             _lm(
-                "Qwen3OmniMoeTalkerTextConfig", "Qwen3OmniMoeTalkerModel", **C, **MOE, moe_intermediate_size=32, num_experts=4,
+                "Qwen3OmniMoeTalkerTextConfig",
+                "Qwen3OmniMoeTalkerModel",
+                **C,
+                **MOE,
+                moe_intermediate_size=32,
+                num_experts=4,
                 shared_expert_intermediate_size=32,
             ),
             ("mlp.experts.", "mlp.gate."),
@@ -279,21 +360,48 @@ CASES: dict[str, Case] = {
         model_type="qwen3_omni_moe",
     ),
     "olmoe": Case(_lm("OlmoeConfig", "OlmoeForCausalLM", **C, **MOE, num_experts=4), ("OlmoeTopKRouter",), 2),
-    "flex_olmo": Case(_lm("FlexOlmoConfig", "FlexOlmoForCausalLM", **C, **MOE, num_experts=4), ("FlexOlmoTopKRouter",), 2),
+    "flex_olmo": Case(
+        _lm("FlexOlmoConfig", "FlexOlmoForCausalLM", **C, **MOE, num_experts=4), ("FlexOlmoTopKRouter",), 2
+    ),
     "gpt_oss": Case(
-        _lm("GptOssConfig", "GptOssForCausalLM", **{**C, "intermediate_size": 32}, **MOE, head_dim=8, num_local_experts=4, sliding_window=16),
+        _lm(
+            "GptOssConfig",
+            "GptOssForCausalLM",
+            **{**C, "intermediate_size": 32},
+            **MOE,
+            head_dim=8,
+            num_local_experts=4,
+            sliding_window=16,
+        ),
         ("GptOssTopKRouter",),
         2,
     ),
     "openai_privacy_filter": Case(
-        _lm("OpenAIPrivacyFilterConfig", "OpenAIPrivacyFilterModel", **C, **MOE, head_dim=8, num_local_experts=4, sliding_window=16),
+        _lm(
+            "OpenAIPrivacyFilterConfig",
+            "OpenAIPrivacyFilterModel",
+            **C,
+            **MOE,
+            head_dim=8,
+            num_local_experts=4,
+            sliding_window=16,
+        ),
         ("OpenAIPrivacyFilterTopKRouter",),
         2,
         **BASE_MODEL,
     ),
-    "granitemoe": Case(_lm("GraniteMoeConfig", "GraniteMoeForCausalLM", **C, **MOE, num_local_experts=4), ("GraniteMoeTopKRouter",), 2),
+    "granitemoe": Case(
+        _lm("GraniteMoeConfig", "GraniteMoeForCausalLM", **C, **MOE, num_local_experts=4), ("GraniteMoeTopKRouter",), 2
+    ),
     "granitemoeshared": Case(
-        _lm("GraniteMoeSharedConfig", "GraniteMoeSharedForCausalLM", **C, **MOE, num_local_experts=4, shared_intermediate_size=32),
+        _lm(
+            "GraniteMoeSharedConfig",
+            "GraniteMoeSharedForCausalLM",
+            **C,
+            **MOE,
+            num_local_experts=4,
+            shared_intermediate_size=32,
+        ),
         ("GraniteMoeSharedTopKRouter",),
         2,
     ),
@@ -304,16 +412,36 @@ CASES: dict[str, Case] = {
     ),
     "granitemoehybrid": Case(
         _lm(
-            "GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM", **C, **MOE, num_local_experts=4, shared_intermediate_size=32,
-            layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_d_state=8, mamba_d_head=16, mamba_chunk_size=16,
+            "GraniteMoeHybridConfig",
+            "GraniteMoeHybridForCausalLM",
+            **C,
+            **MOE,
+            num_local_experts=4,
+            shared_intermediate_size=32,
+            layer_types=["mamba", "attention"],
+            mamba_n_heads=4,
+            mamba_d_state=8,
+            mamba_d_head=16,
+            mamba_chunk_size=16,
         ),
         ("GraniteMoeHybridTopKRouter",),
         2,
     ),
     "jamba": Case(
         _lm(
-            "JambaConfig", "JambaForCausalLM", **C, **MOE, num_experts=4, expert_layer_period=1, expert_layer_offset=0,
-            attn_layer_period=2, attn_layer_offset=1, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4,
+            "JambaConfig",
+            "JambaForCausalLM",
+            **C,
+            **MOE,
+            num_experts=4,
+            expert_layer_period=1,
+            expert_layer_offset=0,
+            attn_layer_period=2,
+            attn_layer_offset=1,
+            mamba_d_state=8,
+            mamba_d_conv=4,
+            mamba_expand=2,
+            mamba_dt_rank=4,
             use_mamba_kernels=False,
         ),
         ("JambaTopKRouter",),
@@ -324,60 +452,131 @@ CASES: dict[str, Case] = {
         ("MiniMaxTopKRouter",),
         2,
     ),
-    "minimax_m2": Case(_lm("MiniMaxM2Config", "MiniMaxM2ForCausalLM", **C, **MOE, head_dim=8, num_local_experts=4), ("MiniMaxM2TopKRouter",), 2),
+    "minimax_m2": Case(
+        _lm("MiniMaxM2Config", "MiniMaxM2ForCausalLM", **C, **MOE, head_dim=8, num_local_experts=4),
+        ("MiniMaxM2TopKRouter",),
+        2,
+    ),
     "minimax_m3_vl": Case(
         _lm("MiniMaxM3VLTextConfig", "MiniMaxM3VLForCausalLM", **C, **MOE, head_dim=8, num_local_experts=4),
         ("MiniMaxM3VLTopKRouter",),
         2,
     ),
     "ernie4_5_moe": Case(
-        _lm("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", **C, moe_intermediate_size=32, moe_num_experts=4, moe_k=2, moe_layer_start_index=0),
+        _lm(
+            "Ernie4_5_MoeConfig",
+            "Ernie4_5_MoeForCausalLM",
+            **C,
+            moe_intermediate_size=32,
+            moe_num_experts=4,
+            moe_k=2,
+            moe_layer_start_index=0,
+        ),
         ("Ernie4_5_MoeTopKRouter",),
         2,
     ),
     "cohere2_moe": Case(
-        _lm("Cohere2MoeConfig", "Cohere2MoeForCausalLM", **C, **MOE, head_dim=8, num_experts=4, sliding_window=16, num_shared_experts=1),
+        _lm(
+            "Cohere2MoeConfig",
+            "Cohere2MoeForCausalLM",
+            **C,
+            **MOE,
+            head_dim=8,
+            num_experts=4,
+            sliding_window=16,
+            num_shared_experts=1,
+        ),
         ("Cohere2MoeTopKRouter",),
         2,
         loss_fields=NO_AUX,
     ),
     "aria": Case(
-        _lm("AriaTextConfig", "AriaTextForCausalLM", **C, head_dim=8, moe_num_experts=4, moe_topk=2, moe_num_shared_experts=1),
+        _lm(
+            "AriaTextConfig",
+            "AriaTextForCausalLM",
+            **C,
+            head_dim=8,
+            moe_num_experts=4,
+            moe_topk=2,
+            moe_num_shared_experts=1,
+        ),
         ("AriaTextTopKRouter",),
         2,
         loss_fields=NO_AUX,
     ),
     "lfm2_moe": Case(
-        _lm("Lfm2MoeConfig", "Lfm2MoeForCausalLM", **C, **MOE, moe_intermediate_size=32, num_experts=4, num_dense_layers=0, layer_types=["conv", "full_attention"]),
+        _lm(
+            "Lfm2MoeConfig",
+            "Lfm2MoeForCausalLM",
+            **C,
+            **MOE,
+            moe_intermediate_size=32,
+            num_experts=4,
+            num_dense_layers=0,
+            layer_types=["conv", "full_attention"],
+        ),
         ("Lfm2MoeTopKRouter",),
         2,
         loss_fields=NO_AUX,
     ),
     "mellum": Case(
-        _lm("MellumConfig", "MellumForCausalLM", **C, **MOE, moe_intermediate_size=32, head_dim=8, num_experts=4, sliding_window=16),
+        _lm(
+            "MellumConfig",
+            "MellumForCausalLM",
+            **C,
+            **MOE,
+            moe_intermediate_size=32,
+            head_dim=8,
+            num_experts=4,
+            sliding_window=16,
+        ),
         ("MellumTopKRouter",),
         2,
     ),
     "flint": Case(
         _lm(
-            "FlintConfig", "FlintForCausalLM", **C, **MOE, moe_intermediate_size=32, head_dim=8, num_experts=4,
-            shared_expert_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[], sliding_window=16,
+            "FlintConfig",
+            "FlintForCausalLM",
+            **C,
+            **MOE,
+            moe_intermediate_size=32,
+            head_dim=8,
+            num_experts=4,
+            shared_expert_intermediate_size=32,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            sliding_window=16,
         ),
         ("FlintTopKRouter",),
         2,
     ),
     "laguna": Case(
         _lm(
-            "LagunaConfig", "LagunaForCausalLM", **C, **MOE, moe_intermediate_size=32, head_dim=8, num_experts=4,
-            shared_expert_intermediate_size=32, sliding_window=16, mlp_layer_types=["sparse", "sparse"],
+            "LagunaConfig",
+            "LagunaForCausalLM",
+            **C,
+            **MOE,
+            moe_intermediate_size=32,
+            head_dim=8,
+            num_experts=4,
+            shared_expert_intermediate_size=32,
+            sliding_window=16,
+            mlp_layer_types=["sparse", "sparse"],
         ),
         ("LagunaTopKRouter",),
         2,
     ),
     "kolibri1": Case(
         _lm(
-            "Kolibri1Config", "Kolibri1ForCausalLM", **C, **MOE, moe_intermediate_size=32, head_dim=8, num_experts=4,
-            shared_expert_intermediate_size=32, sliding_window=16,
+            "Kolibri1Config",
+            "Kolibri1ForCausalLM",
+            **C,
+            **MOE,
+            moe_intermediate_size=32,
+            head_dim=8,
+            num_experts=4,
+            shared_expert_intermediate_size=32,
+            sliding_window=16,
         ),
         ("Kolibri1TopKRouter",),
         2,
@@ -385,7 +584,14 @@ CASES: dict[str, Case] = {
     ),
     "hy_v3": Case(
         _lm(
-            "HYV3Config", "HYV3ForCausalLM", **C, **MOE, moe_intermediate_size=32, head_dim=8, num_experts=4, num_shared_experts=1,
+            "HYV3Config",
+            "HYV3ForCausalLM",
+            **C,
+            **MOE,
+            moe_intermediate_size=32,
+            head_dim=8,
+            num_experts=4,
+            num_shared_experts=1,
             mlp_layer_types=["sparse", "sparse"],
         ),
         ("HYV3TopKRouter",),
@@ -394,7 +600,13 @@ CASES: dict[str, Case] = {
     ),
     "muse_spark": Case(
         _lm(
-            "MuseSparkTextConfig", "MuseSparkTextModel", **C, **MOE, moe_intermediate_size=32, head_dim=8, num_local_experts=4,
+            "MuseSparkTextConfig",
+            "MuseSparkTextModel",
+            **C,
+            **MOE,
+            moe_intermediate_size=32,
+            head_dim=8,
+            num_local_experts=4,
             sliding_window=16,
         ),
         ("MuseSparkTopkRouter",),
@@ -404,7 +616,15 @@ CASES: dict[str, Case] = {
     ),
     "beam": Case(
         _lm(
-            "BeamConfig", "BeamForCausalLM", **C, **MOE, head_dim=8, moe_intermediate_size=32, num_experts=4, n_group=2, topk_group=1,
+            "BeamConfig",
+            "BeamForCausalLM",
+            **C,
+            **MOE,
+            head_dim=8,
+            moe_intermediate_size=32,
+            num_experts=4,
+            n_group=2,
+            topk_group=1,
             mlp_layer_types=["sparse", "sparse"],
         ),
         ("BeamTopKRouter",),
@@ -413,8 +633,17 @@ CASES: dict[str, Case] = {
     ),
     "step3p7": Case(
         _lm(
-            "Step3p7TextConfig", "Step3p7TextModel", **C, **MOE, head_dim=8, num_local_experts=4, moe_intermediate_size=32,
-            n_routed_experts=4, share_expert_dim=32, mlp_layer_types=["sparse", "sparse"], sliding_window=16,
+            "Step3p7TextConfig",
+            "Step3p7TextModel",
+            **C,
+            **MOE,
+            head_dim=8,
+            num_local_experts=4,
+            moe_intermediate_size=32,
+            n_routed_experts=4,
+            share_expert_dim=32,
+            mlp_layer_types=["sparse", "sparse"],
+            sliding_window=16,
         ),
         ("Step3p7TopKRouter",),
         2,
@@ -422,49 +651,119 @@ CASES: dict[str, Case] = {
     ),
     "nemotron_h": Case(
         _lm(
-            "NemotronHConfig", "NemotronHForCausalLM", **{**C, "num_hidden_layers": 3}, **MOE, head_dim=8,
-            layers_block_type=["moe", "full_attention", "moe"], use_mamba_kernels=False, n_routed_experts=4, moe_intermediate_size=32,
+            "NemotronHConfig",
+            "NemotronHForCausalLM",
+            **{**C, "num_hidden_layers": 3},
+            **MOE,
+            head_dim=8,
+            layers_block_type=["moe", "full_attention", "moe"],
+            use_mamba_kernels=False,
+            n_routed_experts=4,
+            moe_intermediate_size=32,
             moe_shared_expert_intermediate_size=32,
         ),
         ("NemotronHTopkRouter",),
         2,
         loss_fields=NO_AUX,
     ),
-    # ---------------------------------------------------------------- DeepSeek family: fp32 F.linear, score-correction bias
-    "deepseek_v2": Case(_lm("DeepseekV2Config", "DeepseekV2ForCausalLM", **DEEPSEEK, first_k_dense_replace=0), ("DeepseekV2TopkRouter",), 2, loss_fields=NO_AUX),
-    "deepseek_v3": Case(_lm("DeepseekV3Config", "DeepseekV3ForCausalLM", **DEEPSEEK, first_k_dense_replace=0), ("DeepseekV3TopkRouter",), 2, loss_fields=NO_AUX),
+    # ------------------------------------------------ DeepSeek family: float32 F.linear, score-correction bias
+    "deepseek_v2": Case(
+        _lm("DeepseekV2Config", "DeepseekV2ForCausalLM", **DEEPSEEK, first_k_dense_replace=0),
+        ("DeepseekV2TopkRouter",),
+        2,
+        loss_fields=NO_AUX,
+    ),
+    "deepseek_v3": Case(
+        _lm("DeepseekV3Config", "DeepseekV3ForCausalLM", **DEEPSEEK, first_k_dense_replace=0),
+        ("DeepseekV3TopkRouter",),
+        2,
+        loss_fields=NO_AUX,
+    ),
     "deepseek_v32": Case(
-        _lm("DeepseekV32Config", "DeepseekV32ForCausalLM", **DEEPSEEK, first_k_dense_replace=0), ("DeepseekV32TopkRouter",), 2, loss_fields=NO_AUX
+        _lm("DeepseekV32Config", "DeepseekV32ForCausalLM", **DEEPSEEK, first_k_dense_replace=0),
+        ("DeepseekV32TopkRouter",),
+        2,
+        loss_fields=NO_AUX,
     ),
     "deepseek_ocr2": Case(
-        _lm("DeepseekOcr2TextConfig", "DeepseekOcr2TextModel", **DEEPSEEK, first_k_dense_replace=0, mlp_layer_types=["sparse", "sparse"]),
+        _lm(
+            "DeepseekOcr2TextConfig",
+            "DeepseekOcr2TextModel",
+            **DEEPSEEK,
+            first_k_dense_replace=0,
+            mlp_layer_types=["sparse", "sparse"],
+        ),
         ("DeepseekOcr2TextTopkRouter",),
         2,
         **BASE_MODEL,
     ),
     "unlimited_ocr": Case(
-        _lm("UnlimitedOcrTextConfig", "UnlimitedOcrTextModel", **DEEPSEEK, first_k_dense_replace=0), ("UnlimitedOcrTextTopkRouter",), 2, **BASE_MODEL
+        _lm("UnlimitedOcrTextConfig", "UnlimitedOcrTextModel", **DEEPSEEK, first_k_dense_replace=0),
+        ("UnlimitedOcrTextTopkRouter",),
+        2,
+        **BASE_MODEL,
     ),
-    "axk1": Case(_lm("AXK1Config", "AXK1ForCausalLM", **DEEPSEEK, mlp_layer_types=["sparse", "sparse"]), ("AXK1TopkRouter",), 2, loss_fields=NO_AUX),
+    "axk1": Case(
+        _lm("AXK1Config", "AXK1ForCausalLM", **DEEPSEEK, mlp_layer_types=["sparse", "sparse"]),
+        ("AXK1TopkRouter",),
+        2,
+        loss_fields=NO_AUX,
+    ),
     "axk2": Case(
-        _lm("AXK2Config", "AXK2ForCausalLM", **DEEPSEEK, head_dim=8, mlp_layer_types=["sparse", "sparse"]), ("AXK2TopkRouter",), 2, loss_fields=NO_AUX
+        _lm("AXK2Config", "AXK2ForCausalLM", **DEEPSEEK, head_dim=8, mlp_layer_types=["sparse", "sparse"]),
+        ("AXK2TopkRouter",),
+        2,
+        loss_fields=NO_AUX,
     ),
-    "dots1": Case(_lm("Dots1Config", "Dots1ForCausalLM", **DEEPSEEK, first_k_dense_replace=0, sliding_window=16), ("Dots1TopkRouter",), 2, loss_fields=NO_AUX),
+    "dots1": Case(
+        _lm("Dots1Config", "Dots1ForCausalLM", **DEEPSEEK, first_k_dense_replace=0, sliding_window=16),
+        ("Dots1TopkRouter",),
+        2,
+        loss_fields=NO_AUX,
+    ),
     "dots3_note": Case(
-        _lm("Dots3NoteTextConfig", "Dots3NoteTextModel", **DEEPSEEK, first_k_dense_replace=0), ("Dots3NoteTextTopkRouter",), 2, **BASE_MODEL
+        _lm("Dots3NoteTextConfig", "Dots3NoteTextModel", **DEEPSEEK, first_k_dense_replace=0),
+        ("Dots3NoteTextTopkRouter",),
+        2,
+        **BASE_MODEL,
     ),
-    "glm4_moe": Case(_lm("Glm4MoeConfig", "Glm4MoeForCausalLM", **DEEPSEEK, first_k_dense_replace=0), ("Glm4MoeTopkRouter",), 2, loss_fields=NO_AUX),
+    "glm4_moe": Case(
+        _lm("Glm4MoeConfig", "Glm4MoeForCausalLM", **DEEPSEEK, first_k_dense_replace=0),
+        ("Glm4MoeTopkRouter",),
+        2,
+        loss_fields=NO_AUX,
+    ),
     "glm4_moe_lite": Case(
-        _lm("Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM", **DEEPSEEK, mlp_layer_types=["sparse", "sparse"]), ("Glm4MoeLiteTopkRouter",), 2, loss_fields=NO_AUX
+        _lm("Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM", **DEEPSEEK, mlp_layer_types=["sparse", "sparse"]),
+        ("Glm4MoeLiteTopkRouter",),
+        2,
+        loss_fields=NO_AUX,
     ),
     "glm_moe_dsa": Case(
-        _lm("GlmMoeDsaConfig", "GlmMoeDsaForCausalLM", **DEEPSEEK, head_dim=8, first_k_dense_replace=0), ("GlmMoeDsaTopkRouter",), 2, loss_fields=NO_AUX
+        _lm("GlmMoeDsaConfig", "GlmMoeDsaForCausalLM", **DEEPSEEK, head_dim=8, first_k_dense_replace=0),
+        ("GlmMoeDsaTopkRouter",),
+        2,
+        loss_fields=NO_AUX,
     ),
     "glm4v_moe": Case(
         _lm(
-            "Glm4vMoeTextConfig", "Glm4vMoeTextModel", **C, **MOE, moe_intermediate_size=16, n_routed_experts=4, n_shared_experts=1,
-            first_k_dense_replace=0, n_group=1, topk_group=1, head_dim=16,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 1, 1], "partial_rotary_factor": 0.5},
+            "Glm4vMoeTextConfig",
+            "Glm4vMoeTextModel",
+            **C,
+            **MOE,
+            moe_intermediate_size=16,
+            n_routed_experts=4,
+            n_shared_experts=1,
+            first_k_dense_replace=0,
+            n_group=1,
+            topk_group=1,
+            head_dim=16,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 1e4,
+                "mrope_section": [2, 1, 1],
+                "partial_rotary_factor": 0.5,
+            },
         ),
         ("Glm4vMoeTextTopkRouter",),
         2,
@@ -472,15 +771,30 @@ CASES: dict[str, Case] = {
     ),
     "glm5_next": Case(
         _lm(
-            "Glm5NextTextConfig", "Glm5NextTextModel", **{**DEEPSEEK, "qk_rope_head_dim": 0}, head_dim=0, layer_types=["linear_attention", "indexed_attention"],
-            mlp_layer_types=["sparse", "sparse"], linear_head_dim=8, linear_num_heads=4, index_n_heads=2, index_head_dim=8,
-            index_topk=4, index_kpool=2, hc_mult=2,
+            "Glm5NextTextConfig",
+            "Glm5NextTextModel",
+            **{**DEEPSEEK, "qk_rope_head_dim": 0},
+            head_dim=0,
+            layer_types=["linear_attention", "indexed_attention"],
+            mlp_layer_types=["sparse", "sparse"],
+            linear_head_dim=8,
+            linear_num_heads=4,
+            index_n_heads=2,
+            index_head_dim=8,
+            index_topk=4,
+            index_kpool=2,
+            hc_mult=2,
         ),
         ("Glm5NextTextTopkRouter",),
         2,
         **BASE_MODEL,
     ),
-    "mistral4": Case(_lm("Mistral4Config", "Mistral4ForCausalLM", **DEEPSEEK, first_k_dense_replace=0), ("Mistral4TopkRouter",), 2, loss_fields=NO_AUX),
+    "mistral4": Case(
+        _lm("Mistral4Config", "Mistral4ForCausalLM", **DEEPSEEK, first_k_dense_replace=0),
+        ("Mistral4TopkRouter",),
+        2,
+        loss_fields=NO_AUX,
+    ),
     "mistral_large4": Case(
         _lm("MistralLarge4TextConfig", "MistralLarge4TextModel", **DEEPSEEK, head_dim=8, first_k_dense_replace=0),
         ("MistralLarge4TextTopkRouter",),
@@ -489,80 +803,167 @@ CASES: dict[str, Case] = {
     ),
     "exaone_moe": Case(
         _lm(
-            "ExaoneMoeConfig", "ExaoneMoeForCausalLM", **C, **MOE, moe_intermediate_size=32, num_experts=4, n_group=2, topk_group=1,
-            first_k_dense_replace=0, sliding_window=16, num_shared_experts=1,
+            "ExaoneMoeConfig",
+            "ExaoneMoeForCausalLM",
+            **C,
+            **MOE,
+            moe_intermediate_size=32,
+            num_experts=4,
+            n_group=2,
+            topk_group=1,
+            first_k_dense_replace=0,
+            sliding_window=16,
+            num_shared_experts=1,
         ),
         ("ExaoneMoeTopkRouter",),
         2,
         loss_fields=NO_AUX,
     ),
     "solar_open": Case(
-        _lm("SolarOpenConfig", "SolarOpenForCausalLM", **C, **MOE, moe_intermediate_size=32, head_dim=8, n_routed_experts=4, n_shared_experts=1, n_group=2, topk_group=1),
+        _lm(
+            "SolarOpenConfig",
+            "SolarOpenForCausalLM",
+            **C,
+            **MOE,
+            moe_intermediate_size=32,
+            head_dim=8,
+            n_routed_experts=4,
+            n_shared_experts=1,
+            n_group=2,
+            topk_group=1,
+        ),
         ("SolarOpenTopkRouter",),
         2,
         loss_fields=NO_AUX,
     ),
     "mimo_v2_flash": Case(
         _lm(
-            "MiMoV2FlashConfig", "MiMoV2FlashForCausalLM", **C, **MOE, moe_intermediate_size=32, head_dim=8, n_routed_experts=4,
-            n_group=2, topk_group=1, v_head_dim=8, sliding_window=16, mlp_layer_types=["sparse", "sparse"],
+            "MiMoV2FlashConfig",
+            "MiMoV2FlashForCausalLM",
+            **C,
+            **MOE,
+            moe_intermediate_size=32,
+            head_dim=8,
+            n_routed_experts=4,
+            n_group=2,
+            topk_group=1,
+            v_head_dim=8,
+            sliding_window=16,
+            mlp_layer_types=["sparse", "sparse"],
         ),
         ("MiMoV2FlashTopkRouter",),
         2,
         loss_fields=NO_AUX,
     ),
     "hy_v4": Case(
-        _lm("HYV4Config", "HYV4ForCausalLM", **DEEPSEEK, head_dim=8, mlp_layer_types=["sparse", "sparse"]), ("HYV4TopkRouter",), 2, loss_fields=NO_AUX
+        _lm("HYV4Config", "HYV4ForCausalLM", **DEEPSEEK, head_dim=8, mlp_layer_types=["sparse", "sparse"]),
+        ("HYV4TopkRouter",),
+        2,
+        loss_fields=NO_AUX,
     ),
     "kimi_linear": Case(
         _lm(
-            "KimiLinearConfig", "KimiLinearForCausalLM", **{**DEEPSEEK, "n_group": 1}, num_local_experts=4, layer_types=HYBRID,
-            mlp_layer_types=["sparse", "sparse"], linear_head_dim=8, linear_num_heads=4,
+            "KimiLinearConfig",
+            "KimiLinearForCausalLM",
+            **{**DEEPSEEK, "n_group": 1},
+            num_local_experts=4,
+            layer_types=HYBRID,
+            mlp_layer_types=["sparse", "sparse"],
+            linear_head_dim=8,
+            linear_num_heads=4,
         ),
         ("KimiLinearTopkRouter",),
         2,
         loss_fields=NO_AUX,
     ),
     "bailing_hybrid": Case(
-        _lm("BailingHybridConfig", "BailingHybridForCausalLM", **DEEPSEEK, num_local_experts=4, first_k_dense_replace=0, layer_types=HYBRID, head_dim=8),
+        _lm(
+            "BailingHybridConfig",
+            "BailingHybridForCausalLM",
+            **DEEPSEEK,
+            num_local_experts=4,
+            first_k_dense_replace=0,
+            layer_types=HYBRID,
+            head_dim=8,
+        ),
         ("BailingHybridTopkRouter",),
         2,
         loss_fields=NO_AUX,
     ),
     "inkling": Case(
-        _lm("InklingTextConfig", "InklingForCausalLM", **C, **MOE, moe_intermediate_size=32, head_dim=8, n_routed_experts=4, n_shared_experts=1),
+        _lm(
+            "InklingTextConfig",
+            "InklingForCausalLM",
+            **C,
+            **MOE,
+            moe_intermediate_size=32,
+            head_dim=8,
+            n_routed_experts=4,
+            n_shared_experts=1,
+        ),
         ("InklingTopkRouter",),
         2,
         loss_fields=NO_AUX,
         recorded=_routed_columns,
     ),
     "inkling2": Case(
-        _lm("Inkling2TextConfig", "Inkling2ForCausalLM", **C, **MOE, moe_intermediate_size=32, head_dim=8, n_routed_experts=4),
+        _lm(
+            "Inkling2TextConfig",
+            "Inkling2ForCausalLM",
+            **C,
+            **MOE,
+            moe_intermediate_size=32,
+            head_dim=8,
+            n_routed_experts=4,
+        ),
         ("Inkling2TopKRouter",),
         2,
         loss_fields=NO_AUX,
     ),
     # ---------------------------------------------------------------- routers that are nn.Linear subclasses
     "phimoe": Case(
-        _lm("PhimoeConfig", "PhimoeForCausalLM", **C, **MOE, num_local_experts=4, sliding_window=16, input_jitter_noise=0.1),
+        _lm(
+            "PhimoeConfig",
+            "PhimoeForCausalLM",
+            **C,
+            **MOE,
+            num_local_experts=4,
+            sliding_window=16,
+            input_jitter_noise=0.1,
+        ),
         ("PhimoeTopKRouter",),
         2,
     ),
     "llama4": Case(
         _lm(
-            "Llama4Config", "Llama4ForConditionalGeneration",
+            "Llama4Config",
+            "Llama4ForConditionalGeneration",
             text_config={**C, **LLAMA4_MOE},
-            vision_config={"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
-                           "vision_output_dim": 16, "image_size": 16, "patch_size": 4, "projector_input_dim": 16,
-                           "projector_output_dim": COMMON["hidden_size"]},
-            boi_token_index=VISION_START, eoi_token_index=VISION_END, image_token_index=IMAGE,
+            vision_config={
+                "hidden_size": 16,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "intermediate_size": 32,
+                "vision_output_dim": 16,
+                "image_size": 16,
+                "patch_size": 4,
+                "projector_input_dim": 16,
+                "projector_output_dim": COMMON["hidden_size"],
+            },
+            boi_token_index=VISION_START,
+            eoi_token_index=VISION_END,
+            image_token_index=IMAGE,
         ),
         ("Llama4Router",),
         2,
         loss_fields=NO_AUX,
     ),
     "llama4_text": Case(
-        _lm("Llama4TextConfig", "Llama4ForCausalLM", **C, **LLAMA4_MOE), ("Llama4Router",), 2, loss_fields=NO_AUX, model_type="llama4"
+        _lm("Llama4TextConfig", "Llama4ForCausalLM", **C, **LLAMA4_MOE),
+        ("Llama4Router",),
+        2,
+        loss_fields=NO_AUX,
+        model_type="llama4",
     ),
     # ---------------------------------------------------------------- child nn.Linear gates
     "switch_transformers": Case(
@@ -574,10 +975,26 @@ CASES: dict[str, Case] = {
     ),
     "nllb-moe": Case(
         _lm(
-            "NllbMoeConfig", "NllbMoeForConditionalGeneration", vocab_size=128, d_model=32, encoder_layers=2, decoder_layers=2,
-            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_experts=4,
-            expert_capacity=16, encoder_sparse_step=1, decoder_sparse_step=1, max_position_embeddings=64, decoder_start_token_id=2,
-            pad_token_id=1, router_bias=True, encoder_layerdrop=0.0, decoder_layerdrop=0.0,
+            "NllbMoeConfig",
+            "NllbMoeForConditionalGeneration",
+            vocab_size=128,
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            num_experts=4,
+            expert_capacity=16,
+            encoder_sparse_step=1,
+            decoder_sparse_step=1,
+            max_position_embeddings=64,
+            decoder_start_token_id=2,
+            pad_token_id=1,
+            router_bias=True,
+            encoder_layerdrop=0.0,
+            decoder_layerdrop=0.0,
         ),
         ("NllbMoeTop2Router",),
         4,
@@ -586,7 +1003,13 @@ CASES: dict[str, Case] = {
     ),
     "dbrx": Case(
         _lm(
-            "DbrxConfig", "DbrxForCausalLM", vocab_size=128, d_model=32, n_heads=4, n_layers=2, max_seq_len=64,
+            "DbrxConfig",
+            "DbrxForCausalLM",
+            vocab_size=128,
+            d_model=32,
+            n_heads=4,
+            n_layers=2,
+            max_seq_len=64,
             attn_config={"kv_n_heads": 2, "rope_theta": 1e4, "clip_qkv": 8.0},
             ffn_config={"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2, "moe_jitter_eps": 0.1},
         ),
@@ -607,10 +1030,26 @@ CASES: dict[str, Case] = {
     ),
     "longcat_flash": Case(
         _lm(
-            "LongcatFlashConfig", "LongcatFlashForCausalLM", vocab_size=128, hidden_size=32, num_layers=2, num_attention_heads=4,
-            num_key_value_heads=4, max_position_embeddings=64, ffn_hidden_size=64, q_lora_rank=16, kv_lora_rank=16,
-            qk_nope_head_dim=8, qk_rope_head_dim=8, head_dim=8, v_head_dim=8, moe_topk=2, n_routed_experts=4,
-            zero_expert_num=2, expert_ffn_hidden_size=32, pad_token_id=0,
+            "LongcatFlashConfig",
+            "LongcatFlashForCausalLM",
+            vocab_size=128,
+            hidden_size=32,
+            num_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=64,
+            ffn_hidden_size=64,
+            q_lora_rank=16,
+            kv_lora_rank=16,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=8,
+            head_dim=8,
+            v_head_dim=8,
+            moe_topk=2,
+            n_routed_experts=4,
+            zero_expert_num=2,
+            expert_ffn_hidden_size=32,
+            pad_token_id=0,
         ),
         ("LongcatFlashTopkRouter",),
         2,
@@ -620,8 +1059,16 @@ CASES: dict[str, Case] = {
     "afmoe": Case(
         _initialised(
             _lm(
-                "AfmoeConfig", "AfmoeForCausalLM", **C, **MOE, moe_intermediate_size=32, head_dim=8, num_experts=4,
-                sliding_window=16, num_shared_experts=1, num_dense_layers=0,
+                "AfmoeConfig",
+                "AfmoeForCausalLM",
+                **C,
+                **MOE,
+                moe_intermediate_size=32,
+                head_dim=8,
+                num_experts=4,
+                sliding_window=16,
+                num_shared_experts=1,
+                num_dense_layers=0,
             ),
             ("router.gate.",),
         ),
@@ -631,8 +1078,16 @@ CASES: dict[str, Case] = {
     ),
     "gemma4": Case(
         _lm(
-            "Gemma4TextConfig", "Gemma4ForCausalLM", **C, head_dim=8, enable_moe_block=True, num_experts=4, top_k_experts=2,
-            moe_intermediate_size=32, vocab_size_per_layer_input=128, hidden_size_per_layer_input=8,
+            "Gemma4TextConfig",
+            "Gemma4ForCausalLM",
+            **C,
+            head_dim=8,
+            enable_moe_block=True,
+            num_experts=4,
+            top_k_experts=2,
+            moe_intermediate_size=32,
+            vocab_size_per_layer_input=128,
+            hidden_size_per_layer_input=8,
         ),
         ("Gemma4TextRouter",),
         2,
@@ -641,8 +1096,14 @@ CASES: dict[str, Case] = {
     ),
     "diffusion_gemma": Case(
         _lm(
-            "DiffusionGemmaTextConfig", "DiffusionGemmaEncoderTextModel", **C, head_dim=8, enable_moe_block=True, num_experts=4,
-            top_k_experts=2, moe_intermediate_size=32,
+            "DiffusionGemmaTextConfig",
+            "DiffusionGemmaEncoderTextModel",
+            **C,
+            head_dim=8,
+            enable_moe_block=True,
+            num_experts=4,
+            top_k_experts=2,
+            moe_intermediate_size=32,
         ),
         ("DiffusionGemmaTextRouter",),
         2,
@@ -651,8 +1112,14 @@ CASES: dict[str, Case] = {
     ),
     "ernie4_5_vl_moe": Case(
         _lm(
-            "Ernie4_5_VLMoeTextConfig", "Ernie4_5_VLMoeTextModel", **C, moe_intermediate_size=[32, 32], moe_num_experts=4, moe_k=2,
-            moe_num_shared_experts=1, mlp_layer_types=["sparse", "sparse"],
+            "Ernie4_5_VLMoeTextConfig",
+            "Ernie4_5_VLMoeTextModel",
+            **C,
+            moe_intermediate_size=[32, 32],
+            moe_num_experts=4,
+            moe_k=2,
+            moe_num_shared_experts=1,
+            mlp_layer_types=["sparse", "sparse"],
             rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [1, 1, 2]},
         ),
         ("Ernie4_5_VLMoeMoeTopKRouter",),
@@ -661,13 +1128,26 @@ CASES: dict[str, Case] = {
         inputs=_vision_tokens,
         recorded=_modality_scatter,
     ),
-    # ---------------------------------------------------------------- hash-routed layers left out (see test_deepseek_v4_*)
+    # ------------------------------------------------ hash-routed layers left out (test_deepseek_v4_...)
     "deepseek_v4": Case(
         _lm(
-            "DeepseekV4Config", "DeepseekV4ForCausalLM", **{**C, "num_key_value_heads": 1}, **MOE, head_dim=16, q_lora_rank=16,
-            moe_intermediate_size=32, n_routed_experts=4, o_groups=2, o_lora_rank=16, index_n_heads=4, index_head_dim=8,
-            index_topk=4, sliding_window=8, mlp_layer_types=["hash_moe", "moe"],
-            layer_types=["sliding_attention", "compressed_sparse_attention"], hc_mult=2,
+            "DeepseekV4Config",
+            "DeepseekV4ForCausalLM",
+            **{**C, "num_key_value_heads": 1},
+            **MOE,
+            head_dim=16,
+            q_lora_rank=16,
+            moe_intermediate_size=32,
+            n_routed_experts=4,
+            o_groups=2,
+            o_lora_rank=16,
+            index_n_heads=4,
+            index_head_dim=8,
+            index_topk=4,
+            sliding_window=8,
+            mlp_layer_types=["hash_moe", "moe"],
+            layer_types=["sliding_attention", "compressed_sparse_attention"],
+            hc_mult=2,
         ),
         ("DeepseekV4TopKRouter",),
         1,
@@ -679,7 +1159,7 @@ CASES: dict[str, Case] = {
 # ---------------------------------------------------------------------------- shared builds
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _original(name: str) -> nn.Module:
     # Never run: a forward would install Transformers' output hooks on it (and on every copy).
     return CASES[name].build()
@@ -717,10 +1197,17 @@ def _recorded_logits(case: Case, out) -> list[torch.Tensor]:
     return [t for f in case.logit_fields for t in _flatten(getattr(out, f))]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference(name: str):
     with torch.no_grad():
         return _fresh(name)(**_inputs(CASES[name]))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_builds():
+    yield
+    _original.cache_clear()
+    _reference.cache_clear()
 
 
 NAMES = sorted(CASES)
@@ -735,7 +1222,7 @@ def test_readme_lists_exactly_the_verified_routers():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     section = readme[readme.index("### Supported architectures") :]
     section = section[: section.index("\n## ")]
-    rows = re.findall(r"^\| ([\w-]+) \| (\w+) \| ", section, flags=re.M)
+    rows = re.findall(r"^\| ([\w-]+) \| (\w+) \| ", section, flags=re.MULTILINE)
     assert {cls: model_type for model_type, cls in rows if cls != "router"} == VERIFIED_ROUTERS
 
 
@@ -779,7 +1266,9 @@ def test_backward_reaches_star_parameters_and_statistics_are_collected(name):
     loss.backward()
     routers = find_star_routers(model)
     for path, router in routers.items():
-        names = ["star_linear_weight", "star_mixing", "star_alpha"] + ["star_linear_bias"] * (router.star_linear_bias is not None)
+        names = ["star_linear_weight", "star_mixing", "star_alpha"] + ["star_linear_bias"] * (
+            router.star_linear_bias is not None
+        )
         for pname in names:
             grad = getattr(router, pname).grad
             assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, (path, pname)
@@ -832,11 +1321,23 @@ def _state(model: nn.Module) -> tuple[dict, list[type]]:
 REFUSED = {
     # An MLP router: a down-projection, then a small MLP producing the logits.
     "zaya": (
-        _lm("ZayaConfig", "ZayaForCausalLM", **C, head_dim=8, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=1, router_hidden_size=16),
+        _lm(
+            "ZayaConfig",
+            "ZayaForCausalLM",
+            **C,
+            head_dim=8,
+            moe_intermediate_size=32,
+            num_experts=4,
+            num_experts_per_tok=1,
+            router_hidden_size=16,
+        ),
         "ZayaRouter",
     ),
     # Product keys: 2·√E key scores instead of one logit per expert.
-    "doge": (_lm("DogeConfig", "DogeForCausalLM", **C, is_moe=True, num_experts=16, num_experts_per_tok=2), "DogeCDMoE"),
+    "doge": (
+        _lm("DogeConfig", "DogeForCausalLM", **C, is_moe=True, num_experts=16, num_experts_per_tok=2),
+        "DogeCDMoE",
+    ),
 }
 
 

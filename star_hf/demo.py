@@ -1,0 +1,618 @@
+"""The whole STAR workflow on a small MoE language model, end to end: what ``star-hf demo`` runs.
+
+:func:`run_demo` chains these stages under one progress bar and writes a report folder:
+
+1. *data* — English text for training and evaluation (the standard library's docstrings by default,
+   or ``train_file``/``eval_file``, or a ``datasets`` dataset saved with ``save_to_disk``) and a
+   shifted domain for test-time adaptation (the standard library's source code, or ``shift_file``);
+2. *base model* — a small Mixtral-style model pretrained briefly on that text, or a local
+   checkpoint (``model_dir``);
+3. *upgrade* — :func:`star_hf.patch_model` with ``init="preserve"`` and a :func:`star_hf.calibrate`
+   warm start; the step-0 outputs are compared with the base model's;
+4. *fine-tune* — the baseline and the STAR model trained by the ``Trainer`` on the same data with
+   the same seed (STAR with :class:`star_hf.StarCallback`), evaluated along the way;
+5. *test-time adaptation* — the STAR model on the shifted domain and on the original one, with
+   and without :func:`star_hf.test_time_adaptation`;
+6. *save* — the STAR adapter (:func:`star_hf.save_adapter`) and a folded stock-architecture export,
+   each reloaded and compared with the STAR model;
+7. *report* — ``report.md`` (tables), ``results.json`` (every figure) and PNG plots.
+
+Nothing reaches a hub. The report folder is written atomically: a failed or interrupted run leaves
+the previous report untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["DemoConfig", "DemoData", "run_demo"]
+
+RESULTS_NAME = "results.json"
+REPORT_NAME = "report.md"
+_MARKER = "star_hf_demo"  # key of results.json that identifies a folder this module wrote
+# A float32 model's outputs count as unchanged up to this max |Δ logit|.
+UNCHANGED_TOLERANCE = 1e-5
+STAGES = (
+    "data",
+    "base model",
+    "upgrade",
+    "fine-tune baseline",
+    "fine-tune STAR",
+    "test-time adaptation",
+    "save",
+    "report",
+)
+
+
+@dataclass
+class DemoConfig:
+    """Every option of the demo (``star-hf demo --help`` has one flag per field)."""
+
+    output_dir: Path = Path("star_hf_demo")
+    overwrite: bool = False
+    # model: a tiny Mixtral built here, or a local checkpoint
+    model_dir: Path | None = None
+    dtype: str = "float32"
+    hidden_size: int = 64
+    layers: int = 4
+    experts: int = 8
+    top_k: int = 2
+    heads: int = 4
+    # data
+    corpus: str = "docstrings"
+    shift_corpus: str = "source"
+    train_file: Path | None = None
+    eval_file: Path | None = None
+    dataset_dir: Path | None = None
+    text_column: str = "text"
+    shift_file: Path | None = None
+    max_chars: int = 400_000
+    seq_len: int = 128
+    eval_sequences: int = 32
+    # training
+    pretrain_steps: int = 300
+    pretrain_lr: float = 2e-3
+    steps: int = 150
+    lr: float = 5e-4
+    batch_size: int = 16
+    eval_every: int = 25
+    seed: int = 0
+    bf16: bool = False
+    threads: int | None = None
+    # STAR
+    gha_lr: float = 5e-5
+    calibration_batches: int = 4
+    tta_lr: float = 1e-2
+
+    @classmethod
+    def smoke(cls, **overrides: Any) -> DemoConfig:
+        """A configuration that runs every stage in seconds (CI)."""
+        small = {
+            "hidden_size": 16,
+            "layers": 2,
+            "experts": 4,
+            "heads": 2,
+            "max_chars": 20_000,
+            "seq_len": 32,
+            "eval_sequences": 4,
+            "pretrain_steps": 4,
+            "steps": 4,
+            "batch_size": 4,
+            "eval_every": 2,
+            "calibration_batches": 1,
+        }
+        return cls(**{**small, **overrides})
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the bad option; nothing has been read or written yet."""
+        for name in (
+            "hidden_size",
+            "layers",
+            "experts",
+            "top_k",
+            "heads",
+            "max_chars",
+            "eval_sequences",
+            "steps",
+            "batch_size",
+            "eval_every",
+            "calibration_batches",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}.")
+        if self.pretrain_steps < 0:
+            raise ValueError(f"--pretrain-steps must be >= 0, got {self.pretrain_steps}.")
+        if self.seq_len < 2:
+            raise ValueError(f"--seq-len must be >= 2, got {self.seq_len}.")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {self.threads}.")
+        for name in ("pretrain_lr", "lr", "gha_lr", "tta_lr"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value!r}.")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}.")
+        if self.dataset_dir is not None and self.train_file is not None:
+            raise ValueError("pass either --dataset-dir or --train-file, not both.")
+        for name in ("train_file", "eval_file", "shift_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"--{name.replace('_', '-')} {path} is not a file.")
+        if self.dataset_dir is not None and not Path(self.dataset_dir).is_dir():
+            raise ValueError(
+                f"--dataset-dir {self.dataset_dir} is not a folder (expected a datasets save_to_disk folder)."
+            )
+        if self.model_dir is not None and not (Path(self.model_dir) / "config.json").is_file():
+            raise ValueError(f"--model-dir {self.model_dir} is not a Transformers checkpoint folder (no config.json).")
+        _check_output_dir(Path(self.output_dir), self.overwrite)
+
+    def command(self) -> str:
+        """The ``star-hf demo`` command line that reproduces this configuration."""
+        default = DemoConfig()
+        parts = ["star-hf demo"]
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value == getattr(default, f.name) or f.name == "overwrite":
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            parts.append(flag if value is True else f"{flag} {value}")
+        return " ".join(parts)
+
+
+def _check_output_dir(folder: Path, overwrite: bool) -> None:
+    """Refuse to replace a folder that is not a previous demo report (unless ``overwrite``)."""
+    if not folder.exists() or overwrite:
+        return
+    if not folder.is_dir():
+        raise ValueError(f"--output-dir {folder} exists and is not a folder.")
+    if not any(folder.iterdir()):
+        return
+    try:
+        previous = json.loads((folder / RESULTS_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        previous = None
+    if not isinstance(previous, dict) or _MARKER not in previous:
+        raise ValueError(
+            f"--output-dir {folder} exists and is not a star-hf demo report; the demo replaces its output folder. "
+            "Choose another folder or pass --overwrite."
+        )
+
+
+# ---------------------------------------------------------------------------------------------- data
+@dataclass
+class DemoData:
+    """Token blocks of the training text, held-out batches, shifted-domain batches, calibration batches."""
+
+    tokenizer: Any
+    train: torch.utils.data.Dataset
+    eval_batches: list[dict[str, torch.Tensor]]
+    shift_batches: list[dict[str, torch.Tensor]]
+    calibration_batches: list[dict[str, torch.Tensor]]
+    description: dict[str, Any] = field(default_factory=dict)
+
+
+def _documents(config: DemoConfig) -> tuple[list[str], list[str], str]:
+    """(train documents, held-out documents, where they came from)."""
+    from .data import load_dataset_documents, load_text_corpus, read_text_documents, split_documents
+
+    held_out: list[str] | None = None
+    if config.dataset_dir is not None:
+        docs, held_out = load_dataset_documents(config.dataset_dir, config.text_column)
+        source = f"datasets folder {config.dataset_dir} (column {config.text_column!r})"
+    elif config.train_file is not None:
+        docs, source = read_text_documents(config.train_file), f"text file {config.train_file}"
+    else:
+        docs, source = load_text_corpus(config.corpus, config.max_chars), f"star_hf.data corpus {config.corpus!r}"
+    if config.eval_file is not None:
+        held_out = read_text_documents(config.eval_file)
+        source += f"; held out: text file {config.eval_file}"
+    if held_out is None:
+        docs, held_out = split_documents(docs, eval_fraction=0.05, seed=0)
+        source += " (5 % of the documents held out)"
+    return docs, held_out, source
+
+
+def _batches(dataset, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    return [{"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids in dataset.sequences.split(batch_size)]
+
+
+def load_data(config: DemoConfig, tokenizer: Any) -> DemoData:
+    """Tokenise the training, held-out and shifted-domain text into ``seq_len`` blocks."""
+    from .data import load_text_corpus, make_lm_dataset, read_text_documents
+
+    train_docs, held_docs, source = _documents(config)
+    if config.shift_file is not None:
+        shift_docs, shift_source = read_text_documents(config.shift_file), f"text file {config.shift_file}"
+    else:
+        shift_docs = load_text_corpus(config.shift_corpus, config.max_chars // 4)
+        shift_source = f"star_hf.data corpus {config.shift_corpus!r}"
+    train = make_lm_dataset(train_docs, tokenizer, config.seq_len)
+    held = make_lm_dataset(held_docs, tokenizer, config.seq_len, max_sequences=config.eval_sequences)
+    shift = make_lm_dataset(shift_docs, tokenizer, config.seq_len, max_sequences=config.eval_sequences)
+    calibration = make_lm_dataset(
+        train_docs, tokenizer, config.seq_len, max_sequences=config.calibration_batches * config.batch_size
+    )
+    return DemoData(
+        tokenizer=tokenizer,
+        train=train,
+        eval_batches=_batches(held, config.batch_size),
+        shift_batches=_batches(shift, config.batch_size),
+        calibration_batches=_batches(calibration, config.batch_size),
+        description={
+            "train": source,
+            "shift": shift_source,
+            "tokenizer": type(tokenizer).__name__,
+            "train_sequences": len(train),
+            "eval_sequences": len(held),
+            "shift_sequences": len(shift),
+            "seq_len": config.seq_len,
+            "train_tokens": len(train) * config.seq_len,
+        },
+    )
+
+
+# ---------------------------------------------------------------------------------------------- models
+def load_base_model(config: DemoConfig, tokenizer: Any) -> nn.Module:
+    """The stock causal LM of ``config.model_dir`` (refusing STAR checkpoints and too-small vocabularies)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_config = AutoConfig.from_pretrained(str(config.model_dir))
+    if getattr(hf_config, "star_config", None):
+        raise ValueError(
+            f"{config.model_dir} is already a STAR checkpoint; the demo upgrades a stock one. Pass the base "
+            "checkpoint, or load this one with star_hf.from_pretrained."
+        )
+    if getattr(hf_config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"{config.model_dir} is an encoder-decoder; the demo runs causal LMs (see recipes/switch_seq2seq.py)."
+        )
+    model = AutoModelForCausalLM.from_pretrained(str(config.model_dir), dtype=getattr(torch, config.dtype))
+    vocab = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but {config.model_dir} embeds {vocab}; put the "
+            "checkpoint's tokenizer files in its folder."
+        )
+    return model
+
+
+def build_base_model(config: DemoConfig, vocab_size: int) -> nn.Module:
+    """A small Mixtral-style causal LM from the config flags (weights drawn under ``config.seed``)."""
+    from .experiments import tiny_mixtral
+
+    return tiny_mixtral(
+        vocab_size,
+        seed=config.seed,
+        hidden_size=config.hidden_size,
+        num_layers=config.layers,
+        num_heads=config.heads,
+        num_experts=config.experts,
+        top_k=config.top_k,
+        max_positions=max(config.seq_len, 64),
+    )
+
+
+def _train(model: nn.Module, data: DemoData, config: DemoConfig, *, steps: int, lr: float, star: bool, label: str):
+    from .experiments import RoutingCurve, train_causal_lm
+
+    curve = RoutingCurve(data.eval_batches)
+    record = train_causal_lm(
+        model,
+        data.train,
+        steps=steps,
+        batch_size=config.batch_size,
+        lr=lr,
+        seed=config.seed,
+        star=star,
+        curve=curve,
+        eval_every=config.eval_every,
+        bf16=config.bf16,
+        progress=label,
+    )
+    return {"curve": curve.points, **record}
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    model.eval()
+    device = next(model.parameters()).device
+    return model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
+
+
+def upgrade(base: nn.Module, data: DemoData, config: DemoConfig) -> tuple[nn.Module, dict[str, Any]]:
+    """A STAR copy of ``base`` (preserving init, calibrated bases) and how far its step-0 outputs moved."""
+    from . import StarConfig, calibrate, patch_model
+
+    reference = _logits(base, data.eval_batches[0])
+    star = patch_model(copy.deepcopy(base), StarConfig(init="preserve", gha_lr=config.gha_lr, seed=config.seed))
+    patched = (_logits(star, data.eval_batches[0]) - reference).abs().max().item()
+    calibrate(star, data.calibration_batches, preserve=True)
+    calibrated = (_logits(star, data.eval_batches[0]) - reference).abs().max().item()
+    tolerance = UNCHANGED_TOLERANCE if config.dtype == "float32" else 5e-2
+    return star, {
+        "patched_max_abs_logit_diff": patched,
+        "calibrated_max_abs_logit_diff": calibrated,
+        "tolerance": tolerance,
+        "unchanged": max(patched, calibrated) <= tolerance,
+        "calibration_tokens": sum(b["input_ids"].numel() for b in data.calibration_batches),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- adaptation
+def _evaluate(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]):
+    from .evaluation import evaluate_causal_lm
+
+    device = next(model.parameters()).device
+    return evaluate_causal_lm(model, [{k: v.to(device) for k, v in b.items()} for b in batches])
+
+
+def _row(domain: str, model: str, adaptation: str, ev, reference=None, basis_shift: float | None = None) -> dict:
+    from .evaluation import routing_fluctuation
+    from .metrics import load_statistics
+
+    row = {
+        "domain": domain,
+        "model": model,
+        "adaptation": adaptation,
+        "loss": ev.loss,
+        "perplexity": ev.perplexity,
+        "load_entropy": statistics.fmean(load_statistics(load)[1] for load in ev.load.values()),
+        "top1_changed": None,
+        "basis_shift": basis_shift,
+    }
+    if reference is not None:
+        row["top1_changed"] = statistics.fmean(routing_fluctuation(reference.top1[p], ev.top1[p]) for p in ev.top1)
+    return row
+
+
+def _adapted(star: nn.Module, batches, lr: float):
+    """Evaluation of ``batches`` as one test-time-adaptation episode, and the mean ‖B − B₀‖_F it caused."""
+    from . import find_star_routers, test_time_adaptation
+
+    routers = find_star_routers(star)
+    before = {p: r.star_basis.detach().clone() for p, r in routers.items()}
+    star.eval()
+    with test_time_adaptation(star, lr=lr, mode="episodic"):
+        ev = _evaluate(star, batches)
+        shift = statistics.fmean(float((r.star_basis - before[p]).norm()) for p, r in routers.items())
+    return ev, shift
+
+
+def adaptation_results(base: nn.Module, star: nn.Module, data: DemoData, lr: float) -> list[dict[str, Any]]:
+    """Loss and routing on the original and the shifted domain, with and without test-time adaptation.
+
+    Each adapted evaluation is one episode over all its batches, in order (every forward first
+    updates the bases with its own router inputs, then routes); the bases are restored afterwards.
+    """
+    rows = []
+    for domain, batches in (("original (held out)", data.eval_batches), ("shifted", data.shift_batches)):
+        plain = _evaluate(star, batches)
+        adapted, shift = _adapted(star, batches, lr)
+        rows.append(_row(domain, "baseline", "—", _evaluate(base, batches)))
+        rows.append(_row(domain, "STAR", "none", plain))
+        rows.append(_row(domain, "STAR", f"episodic, lr {lr:g}", adapted, plain, shift))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- saving
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def save_artifacts(star: nn.Module, folder: Path, final: Path, probe: dict, dtype: torch.dtype) -> dict[str, Any]:
+    """Save the fine-tuned STAR model as a folded export plus its STAR adapter; reload and compare.
+
+    ``folded_model/`` is the stock architecture with W_eff, b_eff in the gates (what serving stacks
+    load); ``star_adapter/`` holds the STAR routers (W, b, M, α, B). Fine-tuning changed every
+    weight, so the adapter's base is the folded export (written in ``folder``, recorded under its
+    final location in ``final``): ``load_adapter(folded, adapter)`` gives back the STAR model, to
+    continue training or to adapt at test time. ``star`` is folded in place.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from . import fold, load_adapter, save_adapter
+    from .metrics import monitor_of
+
+    reference = _logits(star, probe)
+    adapter_dir, folded_dir = folder / "star_adapter", folder / "folded_model"
+    save_adapter(star, adapter_dir, base_model_name_or_path=str(final / "folded_model"))
+    monitor = monitor_of(star)
+    if monitor is not None:
+        monitor.close()
+    fold(star).save_pretrained(folded_dir)
+    folded = AutoModelForCausalLM.from_pretrained(str(folded_dir), dtype=dtype)
+    folded_logits = _logits(folded, probe)
+    restored = load_adapter(folded, adapter_dir)
+    return {
+        "folded_reload_max_abs_logit_diff": (folded_logits - reference).abs().max().item(),
+        "adapter_reload_max_abs_logit_diff": (_logits(restored, probe) - reference).abs().max().item(),
+    }
+
+
+def file_sizes(folder: Path, names: Sequence[str]) -> dict[str, int]:
+    """Bytes on disk of each named file or folder under ``folder`` that exists."""
+    return {name: _size(folder / name) for name in names if (folder / name).exists()}
+
+
+# ---------------------------------------------------------------------------------------------- pipeline
+def _environment(config: DemoConfig) -> dict[str, Any]:
+    import transformers
+
+    from . import __version__
+
+    return {
+        "star_hf": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def _model_summary(model: nn.Module) -> dict[str, Any]:
+    from . import find_star_routers
+
+    cfg = model.config
+    return {
+        "class": type(model).__name__,
+        "model_type": cfg.model_type,
+        "hidden_size": cfg.hidden_size,
+        "layers": cfg.num_hidden_layers,
+        "experts": getattr(cfg, "num_local_experts", getattr(cfg, "num_experts", None)),
+        "experts_per_token": getattr(cfg, "num_experts_per_tok", None),
+        "vocab_size": cfg.vocab_size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "routers": len(find_star_routers(model)),
+    }
+
+
+class _Stages:
+    """The outer progress bar and the wall time of each stage."""
+
+    def __init__(self) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=len(STAGES), desc="star-hf demo", unit="stage", dynamic_ncols=True)
+        self.seconds: dict[str, float] = {}
+        self._t0 = time.perf_counter()
+
+    def start(self, name: str) -> None:
+        self.bar.set_postfix_str(name)
+        self._t0 = time.perf_counter()
+
+    def done(self, name: str, message: str | None = None) -> None:
+        self.seconds[name] = time.perf_counter() - self._t0
+        if message:
+            self.bar.write(message)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_demo(config: DemoConfig) -> dict[str, Any]:
+    """Run every stage and write the report folder ``config.output_dir``; return the results."""
+    from transformers.utils import logging as hf_logging
+
+    from .data import load_tokenizer
+    from .demo_report import write_demo_report
+    from .io import atomic_directory
+    from .metrics import routing_report
+
+    config.validate()
+    # One thread is the fastest for the small built-in model (and by far on a busy machine, where
+    # multi-threaded kernels of tiny matrices wait on each other); a checkpoint gets torch's default.
+    threads = config.threads if config.threads is not None else (1 if config.model_dir is None else None)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    hf_logging.disable_progress_bar()  # checkpoint load/save bars would break the stage bar
+    started = time.perf_counter()
+    final = Path(os.path.realpath(config.output_dir))
+    stages = _Stages()
+    try:
+        with atomic_directory(final) as folder:
+            stages.start("data")
+            tokenizer = load_tokenizer(config.model_dir)
+            data = load_data(config, tokenizer)
+            stages.done(
+                "data", f"data: {data.description['train_sequences']} training sequences of {config.seq_len} tokens"
+            )
+
+            stages.start("base model")
+            pretrain = None
+            if config.model_dir is not None:
+                base = load_base_model(config, tokenizer)
+            else:
+                base = build_base_model(config, len(tokenizer))
+                if config.pretrain_steps:
+                    pretrain = _train(
+                        base,
+                        data,
+                        config,
+                        steps=config.pretrain_steps,
+                        lr=config.pretrain_lr,
+                        star=False,
+                        label="pretrain",
+                    )
+                base.save_pretrained(folder / "base_model")
+            message = (
+                None
+                if pretrain is None
+                else (
+                    f"pretrained {config.pretrain_steps} steps: held-out loss {pretrain['curve'][0]['val_loss']:.3f} -> "
+                    f"{pretrain['curve'][-1]['val_loss']:.3f}"
+                )
+            )
+            stages.done("base model", message)
+
+            stages.start("upgrade")
+            star, step0 = upgrade(base, data, config)
+            stages.done(
+                "upgrade",
+                (
+                    f"STAR upgrade: step-0 max |Δ logit| {step0['calibrated_max_abs_logit_diff']:.1e} after calibration "
+                    f"({'unchanged' if step0['unchanged'] else 'CHANGED'})"
+                ),
+            )
+
+            runs = {}
+            for name, model, is_star in (("baseline", base, False), ("STAR", star, True)):
+                stages.start(f"fine-tune {name}")
+                runs[name] = _train(
+                    model, data, config, steps=config.steps, lr=config.lr, star=is_star, label=f"fine-tune {name}"
+                )
+                stages.done(
+                    f"fine-tune {name}", f"fine-tuned {name}: held-out loss {runs[name]['curve'][-1]['val_loss']:.4f}"
+                )
+
+            stages.start("test-time adaptation")
+            tta = adaptation_results(base, star, data, config.tta_lr)
+            stages.done("test-time adaptation")
+
+            stages.start("save")
+            report = routing_report(star)
+            star_summary = _model_summary(star)
+            checks = save_artifacts(star, folder, final, data.eval_batches[0], getattr(torch, config.dtype))
+            stages.done("save")
+
+            stages.start("report")
+            results = {
+                _MARKER: 1,
+                "command": config.command(),
+                "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+                "environment": _environment(config),
+                "data": data.description,
+                "model": star_summary,
+                "pretrain": pretrain,
+                "step0": step0,
+                "finetune": runs,
+                "routing_report": report.to_dicts(),
+                "routing_report_markdown": report.to_markdown(),
+                "tta": {"lr": config.tta_lr, "rows": tta},
+                "checks": checks,
+                "files": file_sizes(folder, ("base_model", "folded_model", "star_adapter")),
+                "output_dir": str(final),
+            }
+            results["stage_seconds"] = dict(stages.seconds)
+            results["total_seconds"] = time.perf_counter() - started
+            write_demo_report(results, folder)
+            stages.done("report")
+    finally:
+        stages.close()
+    return results

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 from pathlib import Path
 
 from ._util import (
@@ -96,56 +94,6 @@ def _measure_load(model, batches) -> None:
             model(**batch)
 
 
-def _label(path: str) -> str:
-    """A short layer label: ``model.layers.3.mlp.gate`` → ``3``, Switch encoder router → ``encoder 1``."""
-    numbers = re.findall(r"\.(\d+)\.", f".{path}.")
-    stack = next((part for part in ("encoder", "decoder") if part in path.split(".")), "")
-    return f"{stack} {numbers[0]}".strip() if numbers else path
-
-
-def write_plot(report, path: Path) -> None:
-    """Expert-load heat map (layers × experts, share of routed tokens) and interpolation bar chart."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    layers = report.layers
-    labels = [_label(r.path) for r in layers]
-    with_load = any(r.load is not None for r in layers)
-    fig, axes = plt.subplots(
-        1, 2 if with_load else 1, figsize=(12 if with_load else 6, 0.4 * len(layers) + 2.5), squeeze=False
-    )
-    axes = axes[0]
-    if with_load:
-        width = max(r.num_experts for r in layers)
-        share = np.full((len(layers), width), np.nan)
-        for i, r in enumerate(layers):
-            if r.load is not None and sum(r.load) > 0:
-                share[i, : r.num_experts] = np.asarray(r.load) / sum(r.load)
-        image = axes[0].imshow(share, aspect="auto", cmap="viridis")
-        axes[0].set(title="expert load (share of routed tokens)", xlabel="expert", ylabel="layer")
-        axes[0].set_yticks(range(len(layers)), labels)
-        fig.colorbar(image, ax=axes[0])
-    bars = axes[-1]
-    means = [r.interpolation_mean for r in layers]
-    spread = np.array([[m - min(r.interpolation), max(r.interpolation) - m] for m, r in zip(means, layers)]).T
-    bars.barh(range(len(layers)), means, xerr=spread, color="tab:orange", capsize=3)
-    bars.set(title="interpolation s = sigmoid(α) (mean, min–max over experts)", xlabel="s", xlim=(0, 1))
-    bars.set_yticks(range(len(layers)), labels)
-    bars.invert_yaxis()
-    fig.tight_layout()
-    # Written next to the target and renamed: an interrupted run never leaves half a PNG.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-
-
 def _print_report(star_config: dict, report) -> None:
     print("STAR config:")
     print(json.dumps(star_config, indent=2, sort_keys=True))
@@ -162,6 +110,7 @@ def _print_report(star_config: dict, report) -> None:
 @cli_command
 def run(args: argparse.Namespace) -> int:
     from ..model_card import adapter_routing_report
+    from ..plotting import plot_routing
 
     folder = Path(args.dir)
     if not folder.is_dir():
@@ -195,6 +144,6 @@ def run(args: argparse.Namespace) -> int:
         star_config = model.config.star_config
     _print_report(star_config, report)
     if args.plot:
-        write_plot(report, Path(args.plot))
+        plot_routing(report, Path(args.plot))
         print(f"\nwrote {args.plot}")
     return 0

@@ -1,5 +1,6 @@
-"""Helpers shared by the evidence benchmarks (synthetic_routing, tiny_lm, upgrade): common flags,
-seed aggregation (mean ± sample std), markdown tables, atomic JSON and PNG curve plots."""
+"""Helpers shared by the benchmarks: common flags, atomic JSON results, seed aggregation (mean ±
+sample std, paired differences), markdown tables, PNG curves with seed bands, and the tiny-LM data,
+model and Trainer plumbing of tiny_lm.py and upgrade.py (thin wrappers over star_hf.experiments)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import statistics
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +29,16 @@ def add_common_args(parser: argparse.ArgumentParser, seeds: int = 3) -> None:
 
 def setup(args: argparse.Namespace) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # load/save bars would drown the per-run summary lines
     torch.set_num_threads(args.threads)
     args.out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def config_dict(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's flags, JSON-ready."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
 
 
 def result_path(args: argparse.Namespace, name: str, suffix: str) -> Path:
@@ -68,11 +78,9 @@ def plot_panels(path: Path, panels: Sequence[dict[str, Any]], title: str) -> Pat
     """One PNG with a row of panels; each panel draws, per label, the mean curve over seeds and a
     ± std band. ``panels``: dicts with ``title``, ``ylabel``, ``curves`` ({label: (steps, [per-seed
     value lists])}) and optional ``logy``. A label keeps its colour across panels."""
-    import matplotlib
+    from star_hf.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     labels = list(dict.fromkeys(label for panel in panels for label in panel["curves"]))
     colors = {label: f"C{i % 10}" for i, label in enumerate(labels)}
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
@@ -94,9 +102,190 @@ def plot_panels(path: Path, panels: Sequence[dict[str, Any]], title: str) -> Pat
     fig.suptitle(title, fontsize=11)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=110)
+
+
+# ----------------------------------------------------------------------------- tiny causal LMs
+def tiny_mixtral(args: argparse.Namespace, vocab_size: int, seed: int):
+    """:func:`star_hf.experiments.tiny_mixtral` with the model flags of :func:`add_model_args`."""
+    from star_hf.experiments import tiny_mixtral as build
+
+    return build(
+        vocab_size,
+        seed=seed,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        num_experts=args.experts,
+        top_k=args.top_k,
+        max_positions=args.seq_len,
+        aux_loss_coef=args.aux_coef,
+    )
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--intermediate", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--aux-coef", type=float, default=1e-2, help="Mixtral router_aux_loss_coef (aux loss on)")
+
+
+def train_lm(model, train_dataset, curve, args: argparse.Namespace, seed: int, star: bool) -> dict[str, Any]:
+    """:func:`star_hf.experiments.train_causal_lm` with the training flags of the LM benchmarks: the
+    same optimizer, schedule and data order (fixed by ``seed``) for every variant of one seed."""
+    from star_hf.experiments import train_causal_lm
+
+    return train_causal_lm(
+        model,
+        train_dataset,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=seed,
+        star=star,
+        curve=curve,
+        eval_every=args.eval_every,
+    )
+
+
+# ----------------------------------------------------------------------------- text data
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--corpus", default="docstrings", help="a star_hf.data corpus: docstrings, source, shakespeare")
+    parser.add_argument("--max-chars", type=int, default=1_500_000, help="characters of the corpus to use")
+    parser.add_argument(
+        "--val-sequences", type=int, default=64, help="held-out sequences (also the fluctuation probes)"
+    )
+
+
+def shrink_for_smoke(args: argparse.Namespace) -> None:
+    """A model and data small enough for a seconds-long run through every code path."""
+    args.seeds, args.hidden, args.intermediate, args.layers, args.experts = 1, 16, 32, 1, 4
+    args.seq_len, args.batch_size, args.max_chars, args.val_sequences = 32, 4, 20_000, 4
+
+
+@dataclass
+class LMData:
+    """Fixed-length byte sequences of one corpus: a training set and held-out batches."""
+
+    corpus: str
+    vocab_size: int
+    train: Any  # a torch Dataset of {"input_ids", "labels"}
+    val_batches: list[dict[str, torch.Tensor]]
+    train_sequences: int
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "corpus": self.corpus,
+            "vocab_size": self.vocab_size,
+            "train_sequences": self.train_sequences,
+            "val_sequences": sum(b["input_ids"].shape[0] for b in self.val_batches),
+        }
+
+
+# ----------------------------------------------------------------------------- LM results
+def lm_final_metrics(curve) -> dict[str, float]:
+    """The figures of one LM run: last point, and fluctuation averaged over all / the later half
+    of the evaluation intervals."""
+    last = curve.points[-1]
+    fluct = [p["fluctuation"] for p in curve.points[1:]]
+    late = fluct[len(fluct) // 2 :]
+    final = {
+        "val_loss": last["val_loss"],
+        "val_ppl": last["val_ppl"],
+        "fluctuation_mean": statistics.fmean(fluct),
+        "fluctuation_late": statistics.fmean(late),
+        "load_cv": last["load_cv"],
+        "load_entropy": last["load_entropy"],
+    }
+    for key in ("s", "alignment"):
+        if key in last:
+            final[key] = last[key]
+    return final
+
+
+def lm_final_line(final: dict[str, float]) -> str:
+    line = (
+        f"val loss {final['val_loss']:.4f} (ppl {final['val_ppl']:.2f}) fluct {final['fluctuation_mean']:.4f}/"
+        f"{final['fluctuation_late']:.4f} load cv {final['load_cv']:.3f} entropy {final['load_entropy']:.3f}"
+    )
+    if "s" in final:
+        line += f" s {final['s']:.3f} align {final['alignment']:.2f}"
+    return line
+
+
+def summarise(
+    runs: dict[str, list[dict[str, Any]]], paired: Sequence[str] = ("val_loss",), baseline: str = "linear"
+) -> dict[str, dict[str, Any]]:
+    """Mean ± std over seeds of every final figure, plus, as ``<key>_delta``, the paired difference
+    of each ``paired`` figure to ``baseline`` (same seed: same data, same initial weights) — far
+    less noisy than comparing the two means when seeds differ a lot."""
+    summary = {}
+    for name, recs in runs.items():
+        summary[name] = {key: mean_std([r["final"][key] for r in recs]) for key in recs[0]["final"]}
+        for key in paired:
+            deltas = [r["final"][key] - b["final"][key] for r, b in zip(recs, runs[baseline])]
+            summary[name][f"{key}_delta"] = mean_std(deltas)
+    return summary
+
+
+LM_COLUMNS = [
+    ("val_loss", "val loss"),
+    ("val_loss_delta", "Δ val loss vs linear (paired)"),
+    ("val_ppl", "val ppl"),
+    ("fluctuation_mean", "fluctuation (all)"),
+    ("fluctuation_late", "fluctuation (2nd half)"),
+    ("load_cv", "load CV"),
+    ("load_entropy", "load entropy"),
+    ("s", "mean s"),
+    ("alignment", "B alignment"),
+]
+
+
+def lm_table(summary: dict[str, dict[str, Any]]) -> str:
+    rows = [[name] + [fmt(s[k], 4) if k in s else "—" for k, _ in LM_COLUMNS] for name, s in summary.items()]
+    return markdown_table(["router"] + [title for _, title in LM_COLUMNS], rows)
+
+
+def plot_lm(runs: dict[str, list[dict[str, Any]]], path: Path, title: str) -> Path:
+    panels = []
+    for key, panel_title, ylabel in (
+        ("val_loss", "validation loss", "cross-entropy (nats/byte)"),
+        ("fluctuation", "routing fluctuation", "share of top-1 changes"),
+        ("load_cv", "load imbalance", "CV of top-k load (mean over layers)"),
+        ("s", "STAR interpolation", "mean s = sigmoid(α)"),
+    ):
+        curves = {}
+        for name, recs in runs.items():
+            series = [[p[key] for p in r["curve"] if p.get(key) is not None] for r in recs]
+            if series[0]:
+                curves[name] = ([p["step"] for p in recs[0]["curve"] if p.get(key) is not None], series)
+        panels.append({"title": panel_title, "ylabel": ylabel, "curves": curves})
+    return plot_panels(path, panels, title)
+
+
+def lm_data(args: argparse.Namespace, corpus: str | None = None) -> LMData:
+    """A corpus of ``star_hf.data`` (default ``--corpus``) as ``--seq-len`` token blocks: 5 % of its
+    documents (a fixed seeded choice) are held out, of which the first ``--val-sequences`` blocks
+    form the validation batches."""
+    from star_hf.data import ByteTokenizer, load_text_corpus, make_lm_dataset, split_documents
+
+    corpus = corpus or args.corpus
+    tokenizer = ByteTokenizer()
+    train_docs, val_docs = split_documents(load_text_corpus(corpus, args.max_chars), eval_fraction=0.05, seed=0)
+    train = make_lm_dataset(train_docs, tokenizer, args.seq_len)
+    val = make_lm_dataset(val_docs, tokenizer, args.seq_len, max_sequences=args.val_sequences).sequences
+    val_batches = [{"input_ids": val[i : i + args.batch_size]} for i in range(0, val.shape[0], args.batch_size)]
+    return LMData(corpus, tokenizer.vocab_size, train, val_batches, len(train))
+
+
+def report_lm(args: argparse.Namespace, name: str, result: dict[str, Any], title: str) -> None:
+    """Print the summary table and write ``<name>.json`` (flags, every run, summary) and ``<name>.png``."""
+    print(lm_table(result["summary"]))
+    json_path = write_json(result_path(args, name, "json"), {"config": config_dict(args), **result})
+    png_path = plot_lm(result["runs"], result_path(args, name, "png"), title)
+    print(f"wrote {json_path} and {png_path}")

@@ -26,7 +26,8 @@ top-k assignments (CV, normalised entropy), and for STAR the basis diagnostics (
 top-R principal subspace of the inputs, drift from its initial value, mean interpolation s).
 
 Usage:
-    python benchmarks/synthetic_routing.py                 # 3 seeds, η ∈ {0, 5e-5, 1e-2}, ~2 min on 1 core
+    python benchmarks/synthetic_routing.py                 # D=128, 3 seeds, η ∈ {0, 5e-5, 1e-2}, ~3 min on 1 core
+    python benchmarks/synthetic_routing.py --hidden 32 --tag d32      # structure in a quarter of the space
     python benchmarks/synthetic_routing.py --smoke         # seconds
     python benchmarks/synthetic_routing.py --aux-coef 0 --tag noaux   # no load-balancing loss
     python benchmarks/synthetic_routing.py --gha-lrs 5e-5 1e-3 1e-2 --steps 1500
@@ -46,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
+import _common
 
 NAME = "synthetic_routing"
 
@@ -64,7 +65,7 @@ class Task:
     scale: float  # makes E|x|² = D (unit RMS per coordinate)
 
     @classmethod
-    def create(cls, args: argparse.Namespace, seed: int) -> "Task":
+    def create(cls, args: argparse.Namespace, seed: int) -> Task:
         g = torch.Generator().manual_seed(10_000 + seed)
         d, k, i = args.hidden, args.latent, args.intermediate
         projection, _ = torch.linalg.qr(torch.randn(d, k, generator=g))
@@ -79,13 +80,17 @@ class Task:
             for _ in range(args.clusters)
         ]
         energy = args.separation**2 + k * args.within**2 + d * args.ambient_noise**2
-        return cls(projection, means, teachers, args.within, args.ambient_noise, args.target_noise, math.sqrt(d / energy))
+        return cls(
+            projection, means, teachers, args.within, args.ambient_noise, args.target_noise, math.sqrt(d / energy)
+        )
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``n`` tokens: inputs x (n×D), targets y (n×D), cluster labels c (n)."""
         clusters = torch.randint(0, self.means.shape[0], (n,), generator=generator)
         latent = self.means[clusters] + self.within * torch.randn(n, self.means.shape[1], generator=generator)
-        x = latent @ self.projection.t() + self.ambient_noise * torch.randn(n, self.projection.shape[0], generator=generator)
+        x = latent @ self.projection.t() + self.ambient_noise * torch.randn(
+            n, self.projection.shape[0], generator=generator
+        )
         x = self.scale * x
         y = torch.empty_like(x)
         for c, (gate, up, down) in enumerate(self.teachers):
@@ -157,9 +162,16 @@ def _load_balance(counts: torch.Tensor) -> dict[str, float]:
 
 def train_variant(base_block, task: Task, args: argparse.Namespace, seed: int, variant: Variant) -> dict:
     """Train one copy of ``base_block`` as ``variant`` describes; return its final metrics and curves."""
-    import star_hf
-    from star_hf.evaluation import gate_modules, principal_subspace, record_router_logits, routing_fluctuation, subspace_alignment
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    import star_hf
+    from star_hf.evaluation import (
+        gate_modules,
+        principal_subspace,
+        record_router_logits,
+        routing_fluctuation,
+        subspace_alignment,
+    )
 
     block = copy.deepcopy(base_block)
     if variant.patch:
@@ -242,16 +254,14 @@ def run(args: argparse.Namespace) -> dict:
                 + f" [{rec['seconds']:.1f} s]",
                 flush=True,
             )
-    summary = {
-        name: {key: _common.mean_std([r["final"][key] for r in recs]) for key in recs[0]["final"]}
-        for name, recs in runs.items()
-    }
-    return {"runs": runs, "summary": summary}
+    return {"runs": runs, "summary": _common.summarise(runs, paired=("relative_mse", "nmi"))}
 
 
 COLUMNS = [
     ("relative_mse", "test MSE / Var(y)"),
+    ("relative_mse_delta", "Δ vs linear (paired)"),
     ("nmi", "NMI(cluster, top-1)"),
+    ("nmi_delta", "Δ vs linear (paired)"),
     ("fluctuation_mean", "fluctuation (all)"),
     ("fluctuation_late", "fluctuation (2nd half)"),
     ("load_cv", "load CV"),
@@ -291,7 +301,7 @@ def plot(result: dict, path: Path) -> Path:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common.add_common_args(p)
-    p.add_argument("--hidden", type=int, default=32, help="ambient dimension D")
+    p.add_argument("--hidden", type=int, default=128, help="ambient dimension D")
     p.add_argument("--latent", type=int, default=8, help="dimension k of the subspace holding the clusters")
     p.add_argument("--clusters", type=int, default=8, help="number of clusters K")
     p.add_argument("--experts", type=int, default=8, help="number of experts E (also the STAR rank R)")
@@ -319,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     _common.setup(args)
     result = run(args)
     print(table(result["summary"]))
-    payload = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, **result}
+    payload = {"config": _common.config_dict(args), **result}
     json_path = _common.write_json(_common.result_path(args, NAME, "json"), payload)
     png_path = plot(result, _common.result_path(args, NAME, "png"))
     print(f"wrote {json_path} and {png_path}")

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 __all__ = [
     "LMEvaluation",
@@ -119,14 +119,16 @@ def subspace_alignment(basis: torch.Tensor, reference: torch.Tensor) -> float:
     subspace; R/D on average for a random basis against a fixed subspace.
     """
     if basis.shape[-1] != reference.shape[-1]:
-        raise ValueError(f"basis and reference live in different dimensions: {basis.shape[-1]} vs {reference.shape[-1]}.")
+        raise ValueError(
+            f"basis and reference live in different dimensions: {basis.shape[-1]} vs {reference.shape[-1]}."
+        )
     q_b, _ = torch.linalg.qr(basis.detach().to(torch.float64).t())
     q_r, _ = torch.linalg.qr(reference.detach().to(torch.float64).t())
     cosines = torch.linalg.svdvals(q_b.t() @ q_r)
     return float((cosines**2).sum() / min(q_b.shape[1], q_r.shape[1]))
 
 
-def gate_modules(model: nn.Module) -> "OrderedDict[str, nn.Module]":
+def gate_modules(model: nn.Module) -> OrderedDict[str, nn.Module]:
     """Path → the module producing each router's logits, for a stock or a STAR-patched model.
 
     The same paths in both cases (the gate owner: the router itself, or its gate ``nn.Linear``), so
@@ -143,7 +145,7 @@ def gate_modules(model: nn.Module) -> "OrderedDict[str, nn.Module]":
 
 @contextlib.contextmanager
 def record_router_logits(
-    routers: "OrderedDict[str, nn.Module] | dict[str, nn.Module]", detach: bool = True
+    routers: OrderedDict[str, nn.Module] | dict[str, nn.Module], detach: bool = True
 ) -> Iterator[dict[str, list[torch.Tensor]]]:
     """Collect the router logits of every forward run inside the block, per router path.
 
@@ -175,10 +177,10 @@ class LMEvaluation:
 
     loss: float  # mean next-token cross-entropy over the predicted (non-padding) tokens
     predicted_tokens: int
-    top1: "OrderedDict[str, torch.Tensor]"  # router path -> top-1 expert of every non-padding token, in order
-    load: "OrderedDict[str, torch.Tensor]"  # router path -> top-k assignments per expert (float64)
+    top1: OrderedDict[str, torch.Tensor]  # router path -> top-1 expert of every non-padding token, in order
+    load: OrderedDict[str, torch.Tensor]  # router path -> top-k assignments per expert (float64)
     # router path -> uncentred second moment E[x xᵀ] of the router's inputs (float64), if requested
-    input_moment: "OrderedDict[str, torch.Tensor] | None" = None
+    input_moment: OrderedDict[str, torch.Tensor] | None = None
 
     @property
     def perplexity(self) -> float:
@@ -193,7 +195,7 @@ def _batch_dict(batch: dict | torch.Tensor) -> dict[str, torch.Tensor]:
     return dict(batch)
 
 
-def _model_top_k(model: nn.Module, gates: "OrderedDict[str, nn.Module]") -> int:
+def _model_top_k(model: nn.Module, gates: OrderedDict[str, nn.Module]) -> int:
     for gate in gates.values():
         if isinstance(getattr(gate, "top_k", None), int):
             return gate.top_k
@@ -228,7 +230,11 @@ def evaluate_causal_lm(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), record_router_logits(gates) as recorded, _record_inputs(gates, input_moments) as inputs_seen:
+        with (
+            torch.no_grad(),
+            record_router_logits(gates) as recorded,
+            _record_inputs(gates, input_moments) as inputs_seen,
+        ):
             for batch in batches:
                 batch = _batch_dict(batch)
                 ids = batch["input_ids"]
@@ -284,7 +290,7 @@ def evaluate_causal_lm(
 
 
 @contextlib.contextmanager
-def _record_inputs(gates: "OrderedDict[str, nn.Module]", enabled: bool) -> Iterator[dict[str, list[torch.Tensor]]]:
+def _record_inputs(gates: OrderedDict[str, nn.Module], enabled: bool) -> Iterator[dict[str, list[torch.Tensor]]]:
     """The first input of every gate forward (the router input), per path; nothing when disabled."""
     if not enabled:
         yield {}

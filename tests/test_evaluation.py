@@ -24,7 +24,9 @@ from star_hf.evaluation import (
 def test_nmi_hand_computed_example():
     # Joint distribution of (true, pred) over 4 items: (0,0) 2/4, (1,0) 1/4, (1,1) 1/4.
     true, pred = [0, 0, 1, 1], [0, 0, 0, 1]
-    mi = 0.5 * math.log(0.5 / (0.5 * 0.75)) + 0.25 * math.log(0.25 / (0.5 * 0.75)) + 0.25 * math.log(0.25 / (0.5 * 0.25))
+    mi = (
+        0.5 * math.log(0.5 / (0.5 * 0.75)) + 0.25 * math.log(0.25 / (0.5 * 0.75)) + 0.25 * math.log(0.25 / (0.5 * 0.25))
+    )
     h_true = math.log(2)
     h_pred = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
     expected = mi / ((h_true + h_pred) / 2)

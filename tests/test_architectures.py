@@ -10,9 +10,11 @@ For each case the tiny model is built once per module and deep-copied per test. 
   jitter on where the architecture has it), F.linear(observed x, W_eff, b_eff) reproduces the router
   logits Transformers records;
 - patching after Transformers installed its output-recording hooks keeps router logits and losses;
-- ``star_hf.architectures.VERIFIED_ROUTERS`` lists exactly the router classes that have a case here.
-Then the routers STAR refuses (MLP router, product keys, hash routing), and precision: gates that an
-architecture keeps in float32 stay float32 STAR routers in a bf16 model, and ``logits_fp32`` in bf16.
+- ``star_hf.architectures.VERIFIED_ROUTERS`` lists exactly the router classes that have a case here,
+  and the README's table lists exactly those.
+Then the routers STAR refuses before any change (MLP router, product keys, hash routing); precision
+(gates an architecture keeps in float32 stay float32 STAR parameters in a bf16 model; ``logits_fp32``
+in bf16); score-correction biases through DeepSeek-V4's checkpoint rename.
 """
 
 from __future__ import annotations

@@ -97,8 +97,9 @@ def _model_inputs(model: nn.Module, batch: Any, accepted: set[str]) -> dict[str,
         mask = inputs.get("attention_mask")
         if mask is not None and "decoder_attention_mask" not in inputs:
             inputs["decoder_attention_mask"] = torch.cat([torch.ones_like(mask[:, :1]), mask[:, :-1]], dim=1)
-    if "logits_to_keep" in accepted and "logits_to_keep" not in inputs:
-        inputs["logits_to_keep"] = 1  # only router inputs matter: skip the N×V logits
+    if "logits_to_keep" in accepted and "logits_to_keep" not in inputs and "labels" not in inputs:
+        # Only router inputs matter: skip the N×V logits (not with labels, whose loss needs them all).
+        inputs["logits_to_keep"] = 1
     return inputs
 
 

@@ -188,6 +188,15 @@ def test_input_ids_tensors_max_batches_and_mode():
         assert torch.equal(ra.star_basis, rb.star_basis)
 
 
+def test_training_batches_with_labels_calibrate_like_input_ids():
+    batches = [torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    labels = [{"input_ids": t, "attention_mask": torch.ones_like(t), "labels": t} for t in batches]
+    a = calibrate(patch_model(BUILDERS["mixtral"]()), labels)
+    b = calibrate(patch_model(BUILDERS["mixtral"]()), batches)
+    for ra, rb in zip(find_star_routers(a).values(), find_star_routers(b).values()):
+        torch.testing.assert_close(ra.star_basis, rb.star_basis)
+
+
 def test_encoder_decoder_batches_of_input_ids_only():
     model = trained("switch")
     probe = _batches("switch", count=1, seed=9)[0]

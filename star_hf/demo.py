@@ -267,34 +267,24 @@ def load_data(config: DemoConfig, tokenizer: Any) -> DemoData:
 
 # ---------------------------------------------------------------------------------------------- models
 def load_base_model(config: DemoConfig, tokenizer: Any) -> nn.Module:
-    """The stock causal LM of ``config.model_dir`` (refusing STAR checkpoints and too-small vocabularies)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """The stock causal LM of ``config.model_dir`` (see :func:`star_hf.experiments.load_checkpoint`)."""
+    from transformers import AutoConfig
 
-    hf_config = AutoConfig.from_pretrained(str(config.model_dir))
-    if getattr(hf_config, "star_config", None):
-        raise ValueError(
-            f"{config.model_dir} is already a STAR checkpoint; the demo upgrades a stock one. Pass the base "
-            "checkpoint, or load this one with star_hf.from_pretrained."
-        )
-    if getattr(hf_config, "is_encoder_decoder", False):
+    from .experiments import load_checkpoint
+
+    if getattr(AutoConfig.from_pretrained(str(config.model_dir)), "is_encoder_decoder", False):
         raise ValueError(
             f"{config.model_dir} is an encoder-decoder; the demo runs causal LMs (see recipes/switch_seq2seq.py)."
         )
-    model = AutoModelForCausalLM.from_pretrained(str(config.model_dir), dtype=getattr(torch, config.dtype))
-    vocab = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > vocab:
-        raise ValueError(
-            f"the tokenizer has {len(tokenizer)} tokens but {config.model_dir} embeds {vocab}; put the "
-            "checkpoint's tokenizer files in its folder."
-        )
-    return model
+    return load_checkpoint(config.model_dir, dtype=config.dtype, tokenizer=tokenizer)
 
 
 def build_base_model(config: DemoConfig, vocab_size: int) -> nn.Module:
     """A small Mixtral-style causal LM from the config flags (weights drawn under ``config.seed``)."""
-    from .experiments import tiny_mixtral
+    from .experiments import tiny_moe
 
-    return tiny_mixtral(
+    return tiny_moe(
+        "mixtral",
         vocab_size,
         seed=config.seed,
         hidden_size=config.hidden_size,
@@ -307,10 +297,10 @@ def build_base_model(config: DemoConfig, vocab_size: int) -> nn.Module:
 
 
 def _train(model: nn.Module, data: DemoData, config: DemoConfig, *, steps: int, lr: float, star: bool, label: str):
-    from .experiments import RoutingCurve, train_causal_lm
+    from .experiments import RoutingCurve, train_model
 
     curve = RoutingCurve(data.eval_batches)
-    record = train_causal_lm(
+    record = train_model(
         model,
         data.train,
         steps=steps,
@@ -326,22 +316,16 @@ def _train(model: nn.Module, data: DemoData, config: DemoConfig, *, steps: int, 
     return {"curve": curve.points, **record}
 
 
-@torch.no_grad()
-def _logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    model.eval()
-    device = next(model.parameters()).device
-    return model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
-
-
 def upgrade(base: nn.Module, data: DemoData, config: DemoConfig) -> tuple[nn.Module, dict[str, Any]]:
     """A STAR copy of ``base`` (preserving init, calibrated bases) and how far its step-0 outputs moved."""
     from . import StarConfig, calibrate, patch_model
+    from .experiments import logits_of
 
-    reference = _logits(base, data.eval_batches[0])
+    reference = logits_of(base, data.eval_batches[0])
     star = patch_model(copy.deepcopy(base), StarConfig(init="preserve", gha_lr=config.gha_lr, seed=config.seed))
-    patched = (_logits(star, data.eval_batches[0]) - reference).abs().max().item()
+    patched = (logits_of(star, data.eval_batches[0]) - reference).abs().max().item()
     calibrate(star, data.calibration_batches, preserve=True)
-    calibrated = (_logits(star, data.eval_batches[0]) - reference).abs().max().item()
+    calibrated = (logits_of(star, data.eval_batches[0]) - reference).abs().max().item()
     tolerance = UNCHANGED_TOLERANCE if config.dtype == "float32" else 5e-2
     return star, {
         "patched_max_abs_logit_diff": patched,
@@ -413,36 +397,6 @@ def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
 
 
-def save_artifacts(star: nn.Module, folder: Path, final: Path, probe: dict, dtype: torch.dtype) -> dict[str, Any]:
-    """Save the fine-tuned STAR model as a folded export plus its STAR adapter; reload and compare.
-
-    ``folded_model/`` is the stock architecture with W_eff, b_eff in the gates (what serving stacks
-    load); ``star_adapter/`` holds the STAR routers (W, b, M, α, B). Fine-tuning changed every
-    weight, so the adapter's base is the folded export (written in ``folder``, recorded under its
-    final location in ``final``): ``load_adapter(folded, adapter)`` gives back the STAR model, to
-    continue training or to adapt at test time. ``star`` is folded in place.
-    """
-    from transformers import AutoModelForCausalLM
-
-    from . import fold, load_adapter, save_adapter
-    from .metrics import monitor_of
-
-    reference = _logits(star, probe)
-    adapter_dir, folded_dir = folder / "star_adapter", folder / "folded_model"
-    save_adapter(star, adapter_dir, base_model_name_or_path=str(final / "folded_model"))
-    monitor = monitor_of(star)
-    if monitor is not None:
-        monitor.close()
-    fold(star).save_pretrained(folded_dir)
-    folded = AutoModelForCausalLM.from_pretrained(str(folded_dir), dtype=dtype)
-    folded_logits = _logits(folded, probe)
-    restored = load_adapter(folded, adapter_dir)
-    return {
-        "folded_reload_max_abs_logit_diff": (folded_logits - reference).abs().max().item(),
-        "adapter_reload_max_abs_logit_diff": (_logits(restored, probe) - reference).abs().max().item(),
-    }
-
-
 def file_sizes(folder: Path, names: Sequence[str]) -> dict[str, int]:
     """Bytes on disk of each named file or folder under ``folder`` that exists."""
     return {name: _size(folder / name) for name in names if (folder / name).exists()}
@@ -512,6 +466,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
 
     from .data import load_tokenizer
     from .demo_report import write_demo_report
+    from .experiments import export_star_model
     from .io import atomic_directory
     from .metrics import routing_report
 
@@ -588,7 +543,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
             stages.start("save")
             report = routing_report(star)
             star_summary = _model_summary(star)
-            checks = save_artifacts(star, folder, final, data.eval_batches[0], getattr(torch, config.dtype))
+            checks = export_star_model(star, folder, final, data.eval_batches[0])
             stages.done("save")
 
             stages.start("report")

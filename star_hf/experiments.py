@@ -4,36 +4,73 @@ Comparing a linear router with STAR means holding everything else equal: the sam
 the same batches in the same order, the same optimizer and schedule. This module gives one way of
 doing that with the Transformers ``Trainer`` (the product path; STAR adds :class:`star_hf.StarCallback`):
 
-- :func:`tiny_mixtral` builds a small Mixtral-style causal LM from a config (no hub), initialised by
-  its own ``_init_weights`` under a seed, with the load-balancing aux loss on (the paper's setting);
+- :func:`tiny_moe` builds a small Mixtral, Qwen2-MoE, Qwen3-MoE or Switch Transformers model from a
+  config (no hub), initialised by its own ``_init_weights`` under a seed, with the load-balancing aux
+  loss on (the paper's setting); :func:`load_checkpoint` loads a local stock checkpoint instead;
 - :class:`RoutingCurve` evaluates a model on fixed held-out batches at chosen steps: loss,
   perplexity, load balance, routing fluctuation since the previous point and, for STAR models, the
   interpolation s (and optionally how well each basis matches its inputs' principal subspace);
-- :func:`train_causal_lm` trains with the ``Trainer`` and a :class:`RoutingCurve`, optionally with a
-  tqdm bar (:class:`StepProgress`), and returns the training-loss log and the wall time.
+- :func:`train_model` trains with the ``Trainer`` and a :class:`RoutingCurve`, optionally with a
+  tqdm bar (:class:`StepProgress`), and returns the training-loss log and the wall time;
+- :func:`lm_data`, :func:`evaluate_seq2seq` (encoder-decoders) and :func:`export_star_model`
+  (adapter + folded export, reloaded and checked).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import tempfile
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import TrainerCallback
 
-__all__ = ["CurveCallback", "RoutingCurve", "StepProgress", "tiny_mixtral", "tiny_mixtral_config", "train_causal_lm"]
+__all__ = [
+    "TINY_MODEL_TYPES",
+    "CurveCallback",
+    "RoutingCurve",
+    "Seq2SeqEvaluation",
+    "StepProgress",
+    "evaluate_seq2seq",
+    "export_star_model",
+    "lm_data",
+    "load_checkpoint",
+    "logits_of",
+    "pretrain_tiny_moe",
+    "tiny_moe",
+    "tiny_moe_config",
+    "train_model",
+]
 
 
-def tiny_mixtral_config(
+TINY_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "switch_transformers")
+
+
+def _check_sizes(**sizes: int) -> None:
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    if sizes["hidden_size"] % sizes["num_heads"]:
+        raise ValueError(
+            f"hidden_size ({sizes['hidden_size']}) must be divisible by the number of heads ({sizes['num_heads']})."
+        )
+    if sizes["top_k"] > sizes["num_experts"]:
+        raise ValueError(f"top_k ({sizes['top_k']}) cannot exceed the number of experts ({sizes['num_experts']}).")
+
+
+def tiny_moe_config(
+    model_type: str,
     vocab_size: int,
     *,
     hidden_size: int = 64,
-    intermediate_size: int | None = None,
     num_layers: int = 2,
     num_heads: int = 4,
     num_experts: int = 8,
@@ -41,54 +78,159 @@ def tiny_mixtral_config(
     max_positions: int = 128,
     aux_loss_coef: float = 1e-2,
 ):
-    """A ``MixtralConfig`` for a small model (``intermediate_size`` defaults to 2 × hidden size).
+    """The config of a small MoE model of ``model_type`` (one of :data:`TINY_MODEL_TYPES`).
 
-    The aux loss is on (``output_router_logits=True``); embeddings are untied. Raises ``ValueError``
-    for shapes Mixtral cannot build (e.g. a hidden size not divisible by the number of heads).
+    Feed-forward sizes are 2 × ``hidden_size``; the load-balancing aux loss is on
+    (``output_router_logits=True``); causal LMs have untied embeddings. Switch Transformers (top-1
+    routing, ``top_k`` ignored) gets ``num_layers`` encoder and decoder layers, every second one
+    sparse, no dropout, and an expert capacity of twice the even share of ``max_positions`` tokens
+    per sequence; pad / eos / decoder start follow :class:`star_hf.data.ByteTokenizer` (0 / 2 / 0).
+    Raises ``ValueError`` for sizes the architecture cannot build.
     """
-    from transformers import MixtralConfig
+    import transformers
 
-    for name, value in (
-        ("vocab_size", vocab_size),
-        ("hidden_size", hidden_size),
-        ("num_layers", num_layers),
-        ("num_heads", num_heads),
-        ("num_experts", num_experts),
-        ("top_k", top_k),
-        ("max_positions", max_positions),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    if hidden_size % num_heads:
-        raise ValueError(f"hidden_size ({hidden_size}) must be divisible by the number of heads ({num_heads}).")
-    if top_k > num_experts:
-        raise ValueError(f"top_k ({top_k}) cannot exceed the number of experts ({num_experts}).")
-    config = MixtralConfig(
+    if model_type not in TINY_MODEL_TYPES:
+        raise ValueError(f"model_type must be one of {TINY_MODEL_TYPES}, got {model_type!r}.")
+    _check_sizes(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
-        intermediate_size=intermediate_size or 2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=max(1, num_heads // 2),
-        num_local_experts=num_experts,
-        num_experts_per_tok=top_k,
-        max_position_embeddings=max_positions,
-        output_router_logits=True,
-        router_aux_loss_coef=aux_loss_coef,
-        tie_word_embeddings=False,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_experts=num_experts,
+        top_k=top_k,
+        max_positions=max_positions,
     )
+    if model_type == "switch_transformers":
+        return transformers.SwitchTransformersConfig(
+            vocab_size=vocab_size,
+            d_model=hidden_size,
+            d_kv=hidden_size // num_heads,
+            d_ff=2 * hidden_size,
+            num_layers=num_layers,
+            num_decoder_layers=num_layers,
+            num_heads=num_heads,
+            num_experts=num_experts,
+            num_sparse_encoder_layers=max(1, num_layers // 2),
+            num_sparse_decoder_layers=max(1, num_layers // 2),
+            expert_capacity=max(1, -(-2 * max_positions // num_experts)),
+            dropout_rate=0.0,
+            router_aux_loss_coef=aux_loss_coef,
+            pad_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=0,
+        )
+    common = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": max(1, num_heads // 2),
+        "num_experts_per_tok": top_k,
+        "max_position_embeddings": max_positions,
+        "output_router_logits": True,
+        "router_aux_loss_coef": aux_loss_coef,
+        "tie_word_embeddings": False,
+    }
+    if model_type == "mixtral":
+        config = transformers.MixtralConfig(**common, num_local_experts=num_experts)
+    else:
+        qwen = dict(
+            common,
+            num_experts=num_experts,
+            moe_intermediate_size=hidden_size,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+        )
+        if model_type == "qwen2_moe":
+            config = transformers.Qwen2MoeConfig(**qwen, shared_expert_intermediate_size=hidden_size)
+        else:
+            config = transformers.Qwen3MoeConfig(**qwen, head_dim=hidden_size // num_heads)
     # grouped_mm is Transformers' fastest experts kernel on CPU at these sizes (about 2x the eager loop).
     config._experts_implementation = "grouped_mm"
     return config
 
 
-def tiny_mixtral(vocab_size: int, *, seed: int = 0, **config_kwargs: Any):
-    """A ``MixtralForCausalLM`` from :func:`tiny_mixtral_config`, its weights drawn under ``seed``."""
-    from transformers import MixtralForCausalLM
+def tiny_moe(model_type: str, vocab_size: int, *, seed: int = 0, **sizes: Any):
+    """A small MoE model from :func:`tiny_moe_config` (causal LM, or Switch's conditional generation),
+    its weights drawn by the model's own initialiser under ``seed``. No hub access."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    config = tiny_mixtral_config(vocab_size, **config_kwargs)
+    config = tiny_moe_config(model_type, vocab_size, **sizes)
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     torch.manual_seed(seed)
-    return MixtralForCausalLM(config)
+    return auto.from_config(config)
+
+
+def load_checkpoint(model_dir: str | os.PathLike, *, dtype: str = "float32", tokenizer: Any = None) -> nn.Module:
+    """A stock (not yet STAR-patched) MoE checkpoint from a local folder, with the right Auto class.
+
+    Refuses STAR checkpoints (load those with :func:`star_hf.from_pretrained`) and a ``tokenizer``
+    with more tokens than the model embeds, before loading any weight.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    if getattr(config, "star_config", None):
+        raise ValueError(
+            f"{model_dir} is already a STAR checkpoint; pass its stock base checkpoint, or load it with "
+            "star_hf.from_pretrained."
+        )
+    vocab = config.get_text_config().vocab_size
+    if tokenizer is not None and len(tokenizer) > vocab:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but {model_dir} embeds {vocab}; put the checkpoint's "
+            "tokenizer files in its folder."
+        )
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    return auto.from_pretrained(str(model_dir), dtype=getattr(torch, dtype))
+
+
+def pretrain_tiny_moe(
+    model_type: str,
+    tokenizer: Any,
+    *,
+    steps: int,
+    seq_len: int,
+    batch_size: int = 16,
+    lr: float = 2e-3,
+    seed: int = 0,
+    corpus: str = "docstrings",
+    max_chars: int = 400_000,
+    progress: str | None = "pretrain",
+    **sizes: Any,
+) -> nn.Module:
+    """A small MoE causal LM (:func:`tiny_moe`) pretrained briefly on a :mod:`star_hf.data` corpus with
+    its stock routers: the stand-in for a pretrained checkpoint when the recipes run offline."""
+    from .data import load_text_corpus, make_lm_dataset
+
+    model = tiny_moe(model_type, len(tokenizer), seed=seed, max_positions=max(seq_len, 64), **sizes)
+    if steps:
+        dataset = make_lm_dataset(load_text_corpus(corpus, max_chars), tokenizer, seq_len)
+        train_model(model, dataset, steps=steps, batch_size=batch_size, lr=lr, seed=seed, star=False, progress=progress)
+    return model
+
+
+def lm_data(
+    tokenizer: Any,
+    *,
+    seq_len: int,
+    eval_sequences: int,
+    batch_size: int,
+    corpus: str = "docstrings",
+    max_chars: int | None = None,
+    train_file: str | os.PathLike | None = None,
+) -> tuple[torch.utils.data.Dataset, list[dict[str, torch.Tensor]]]:
+    """(training blocks, held-out batches) of a text file's paragraphs or a :mod:`star_hf.data` corpus:
+    5 % of the documents (a fixed seeded choice) are held out, of which ``eval_sequences`` blocks are
+    batched by ``batch_size``."""
+    from .data import load_text_corpus, make_lm_dataset, read_text_documents, split_documents
+
+    docs = read_text_documents(train_file) if train_file is not None else load_text_corpus(corpus, max_chars)
+    train_docs, eval_docs = split_documents(docs, eval_fraction=0.05, seed=0)
+    train = make_lm_dataset(train_docs, tokenizer, seq_len)
+    held = make_lm_dataset(eval_docs, tokenizer, seq_len, max_sequences=eval_sequences).sequences
+    return train, [{"input_ids": ids} for ids in held.split(batch_size)]
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -210,7 +352,7 @@ class StepProgress(TrainerCallback):
             self.bar = None
 
 
-def train_causal_lm(
+def train_model(
     model: nn.Module,
     train_dataset: torch.utils.data.Dataset,
     *,
@@ -224,14 +366,15 @@ def train_causal_lm(
     grad_accum: int = 1,
     weight_decay: float = 0.0,
     bf16: bool = False,
+    gradient_checkpointing: bool = False,
     data_collator: Any = None,
     star_callback: Any = None,
     progress: str | None = None,
     report_to: str = "none",
 ) -> dict[str, Any]:
-    """Train ``model`` with the Transformers ``Trainer``: AdamW, cosine schedule after a linear warm-up
-    over 5 % of the steps,
-    data order fixed by ``seed`` (so every variant of one seed sees the same batches).
+    """Train ``model`` (any MoE the ``Trainer`` trains) with AdamW, a cosine schedule after a linear
+    warm-up over 5 % of the steps, and the data order fixed by ``seed`` (so every variant of one seed
+    sees the same batches).
 
     Args:
         star: add :class:`star_hf.StarCallback` (``star_callback`` if given) so the STAR bases learn.
@@ -273,6 +416,7 @@ def train_causal_lm(
             data_seed=seed,
             use_cpu=not torch.cuda.is_available(),
             bf16=bf16,
+            activation_checkpointing=gradient_checkpointing,
             disable_tqdm=True,
             dataloader_num_workers=0,
         )
@@ -295,3 +439,111 @@ def train_causal_lm(
         if "loss" in row
     ]
     return {"train_log": train_log, "seconds": seconds}
+
+
+@dataclass
+class Seq2SeqEvaluation:
+    """Held-out loss of an encoder-decoder and the top-1 expert load of every router on the same tokens."""
+
+    loss: float  # mean cross-entropy over the label tokens (-100 ignored), without router losses
+    predicted_tokens: int
+    load: OrderedDict[str, torch.Tensor]  # router path -> tokens per expert (top-1 of the logits, float64)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+
+def evaluate_seq2seq(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> Seq2SeqEvaluation:
+    """Loss and routing of an encoder-decoder on ``batches`` (``input_ids``, ``attention_mask``,
+    ``labels``), in eval mode without gradients (the mode is restored).
+
+    Encoder routers count the tokens of ``attention_mask``, decoder routers the positions that have a
+    label; the load is the top-1 expert of the router logits (before any capacity drop).
+    """
+    from .evaluation import gate_modules, record_router_logits
+
+    gates = gate_modules(model)
+    if not gates:
+        raise ValueError(f"{type(model).__name__} has no MoE routers to evaluate.")
+    device = _model_device(model)
+    total, tokens = 0.0, 0
+    load: dict[str, torch.Tensor] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), record_router_logits(gates) as recorded:
+            for batch in batches:
+                batch = _to_device(batch, device)
+                for logs in recorded.values():
+                    logs.clear()
+                logits = model(**batch).logits
+                labels = batch["labels"]
+                total += float(
+                    torch.nn.functional.cross_entropy(
+                        logits.reshape(-1, logits.shape[-1]).float(),
+                        labels.reshape(-1),
+                        ignore_index=-100,
+                        reduction="sum",
+                    )
+                )
+                tokens += int((labels != -100).sum())
+                for path, logs in recorded.items():
+                    router_logits = torch.cat([x.reshape(-1, x.shape[-1]) for x in logs]).float()
+                    real = batch["attention_mask"] if "encoder" in path.split(".") else labels != -100
+                    top1 = router_logits[real.reshape(-1).bool()].argmax(-1)
+                    counts = torch.bincount(top1, minlength=router_logits.shape[-1]).double().cpu()
+                    load[path] = counts if path not in load else load[path] + counts
+    finally:
+        model.train(was_training)
+    if tokens == 0:
+        raise ValueError("the evaluation batches contain no label token.")
+    return Seq2SeqEvaluation(
+        loss=total / tokens, predicted_tokens=tokens, load=OrderedDict((p, load[p]) for p in gates)
+    )
+
+
+@torch.no_grad()
+def logits_of(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Eval-mode logits of ``model`` on ``batch`` (moved to the model's device), float32 on the CPU."""
+    model.eval()
+    return model(**_to_device(batch, _model_device(model))).logits.float().cpu()
+
+
+def export_star_model(
+    model: nn.Module, folder: str | os.PathLike, final: str | os.PathLike | None = None, probe: dict | None = None
+) -> dict[str, float]:
+    """Save a trained STAR model as a folded stock export plus its STAR adapter, and check both.
+
+    ``folder/folded_model`` is the stock architecture with W_eff, b_eff in the gates (what serving
+    stacks load); ``folder/star_adapter`` holds the STAR routers (W, b, M, α, B). Training changed the
+    other weights too, so the adapter's recorded base is the folded export (under ``final``, where
+    ``folder`` will end up; default ``folder``): ``load_adapter(folded, adapter)`` gives back the STAR
+    model, to continue training or to adapt at test time. ``model`` is folded in place.
+
+    With a ``probe`` batch, both are reloaded from disk and compared with the model: returns the max
+    |Δ logit| of the folded export and of the adapter loaded onto it (eval mode).
+    """
+    from . import fold, load_adapter, save_adapter, save_pretrained
+    from .metrics import monitor_of
+
+    folder = Path(folder)
+    final = Path(os.path.realpath(final if final is not None else folder))
+    reference = None if probe is None else logits_of(model, probe)
+    adapter_dir, folded_dir = folder / "star_adapter", folder / "folded_model"
+    save_adapter(model, adapter_dir, base_model_name_or_path=str(final / "folded_model"))
+    monitor = monitor_of(model)
+    if monitor is not None:
+        monitor.close()
+    stock_class = type(fold(model))
+    save_pretrained(model, folded_dir)
+    if probe is None:
+        return {}
+    dtype = next(model.parameters()).dtype
+    folded = stock_class.from_pretrained(str(folded_dir), dtype=dtype)
+    folded_diff = (logits_of(folded, probe) - reference).abs().max().item()
+    restored = load_adapter(folded, adapter_dir)
+    return {
+        "folded_reload_max_abs_logit_diff": folded_diff,
+        "adapter_reload_max_abs_logit_diff": (logits_of(restored, probe) - reference).abs().max().item(),
+    }

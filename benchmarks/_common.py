@@ -107,14 +107,14 @@ def plot_panels(path: Path, panels: Sequence[dict[str, Any]], title: str) -> Pat
 
 # ----------------------------------------------------------------------------- tiny causal LMs
 def tiny_mixtral(args: argparse.Namespace, vocab_size: int, seed: int):
-    """:func:`star_hf.experiments.tiny_mixtral` with the model flags of :func:`add_model_args`."""
-    from star_hf.experiments import tiny_mixtral as build
+    """:func:`star_hf.experiments.tiny_moe` (Mixtral) with the model flags of :func:`add_model_args`."""
+    from star_hf.experiments import tiny_moe
 
-    return build(
+    return tiny_moe(
+        "mixtral",
         vocab_size,
         seed=seed,
         hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
         num_layers=args.layers,
         num_heads=args.heads,
         num_experts=args.experts,
@@ -125,8 +125,7 @@ def tiny_mixtral(args: argparse.Namespace, vocab_size: int, seed: int):
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--intermediate", type=int, default=128)
+    parser.add_argument("--hidden", type=int, default=64, help="hidden size (experts: 2x hidden)")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--experts", type=int, default=8)
@@ -136,11 +135,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def train_lm(model, train_dataset, curve, args: argparse.Namespace, seed: int, star: bool) -> dict[str, Any]:
-    """:func:`star_hf.experiments.train_causal_lm` with the training flags of the LM benchmarks: the
+    """:func:`star_hf.experiments.train_model` with the training flags of the LM benchmarks: the
     same optimizer, schedule and data order (fixed by ``seed``) for every variant of one seed."""
-    from star_hf.experiments import train_causal_lm
+    from star_hf.experiments import train_model
 
-    return train_causal_lm(
+    return train_model(
         model,
         train_dataset,
         steps=args.steps,
@@ -164,7 +163,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
 
 def shrink_for_smoke(args: argparse.Namespace) -> None:
     """A model and data small enough for a seconds-long run through every code path."""
-    args.seeds, args.hidden, args.intermediate, args.layers, args.experts = 1, 16, 32, 1, 4
+    args.seeds, args.hidden, args.layers, args.experts = 1, 16, 1, 4
     args.seq_len, args.batch_size, args.max_chars, args.val_sequences = 32, 4, 20_000, 4
 
 

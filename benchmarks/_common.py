@@ -46,6 +46,42 @@ def result_path(args: argparse.Namespace, name: str, suffix: str) -> Path:
     return args.out_dir / f"{name}{'_' + args.tag if args.tag else ''}.{suffix}"
 
 
+@dataclass
+class Variant:
+    """One arm of a from-scratch comparison, built from the shared initial model of a seed."""
+
+    name: str
+    patch: bool  # upgrade the routers with star_hf.patch_model(init="paper")
+    fold: bool = False  # fold them straight back: stock routers starting from STAR's initial gate
+    gha_lr: float = 0.0
+
+    @property
+    def star(self) -> bool:
+        """Whether the built model has STAR routers (and needs GHA steps)."""
+        return self.patch and not self.fold
+
+    def build(self, base: torch.nn.Module, seed: int) -> torch.nn.Module:
+        """A deep copy of ``base`` set up as this variant (``seed`` draws STAR's M and B)."""
+        import copy
+
+        import star_hf
+
+        model = copy.deepcopy(base)
+        if self.patch:
+            star_hf.patch_model(model, star_hf.StarConfig(init="paper", gha_lr=self.gha_lr, seed=seed))
+            if self.fold:
+                star_hf.fold(model)
+        return model
+
+
+def variants(gha_lrs: Sequence[float]) -> list[Variant]:
+    """The stock router, the stock router started from STAR's initial gate (a control separating
+    STAR's initial routing function from what it learns), and STAR at each GHA learning rate (η = 0:
+    a frozen random basis, the control for GHA itself)."""
+    stars = [Variant(f"star η={lr:g}", patch=True, gha_lr=lr) for lr in gha_lrs]
+    return [Variant("linear", patch=False), Variant("linear, STAR init", patch=True, fold=True), *stars]
+
+
 def mean_std(values: Sequence[float]) -> dict[str, Any]:
     """Mean and sample standard deviation (0 for a single value) of per-seed results."""
     values = [float(v) for v in values]
@@ -268,17 +304,21 @@ def plot_lm(runs: dict[str, list[dict[str, Any]]], path: Path, title: str) -> Pa
 
 
 def lm_data(args: argparse.Namespace, corpus: str | None = None) -> LMData:
-    """A corpus of ``star_hf.data`` (default ``--corpus``) as ``--seq-len`` token blocks: 5 % of its
-    documents (a fixed seeded choice) are held out, of which the first ``--val-sequences`` blocks
-    form the validation batches."""
-    from star_hf.data import ByteTokenizer, load_text_corpus, make_lm_dataset, split_documents
+    """:func:`star_hf.experiments.lm_data` of a corpus (default ``--corpus``) in ``--seq-len`` byte
+    blocks, 5 % of its documents held out, ``--val-sequences`` of those blocks as validation batches."""
+    from star_hf.data import ByteTokenizer
+    from star_hf.experiments import lm_data as split
 
     corpus = corpus or args.corpus
     tokenizer = ByteTokenizer()
-    train_docs, val_docs = split_documents(load_text_corpus(corpus, args.max_chars), eval_fraction=0.05, seed=0)
-    train = make_lm_dataset(train_docs, tokenizer, args.seq_len)
-    val = make_lm_dataset(val_docs, tokenizer, args.seq_len, max_sequences=args.val_sequences).sequences
-    val_batches = [{"input_ids": val[i : i + args.batch_size]} for i in range(0, val.shape[0], args.batch_size)]
+    train, val_batches = split(
+        tokenizer,
+        seq_len=args.seq_len,
+        eval_sequences=args.val_sequences,
+        batch_size=args.batch_size,
+        corpus=corpus,
+        max_chars=args.max_chars,
+    )
     return LMData(corpus, tokenizer.vocab_size, train, val_batches, len(train))
 
 

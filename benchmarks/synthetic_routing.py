@@ -36,7 +36,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import sys
 import time
@@ -121,19 +120,6 @@ def build_block(args: argparse.Namespace, seed: int) -> torch.nn.Module:
     return block
 
 
-@dataclass
-class Variant:
-    name: str
-    patch: bool  # upgrade the router with star_hf.patch_model
-    fold: bool = False  # fold it straight back: a stock router starting from STAR's initial gate
-    gha_lr: float = 0.0
-
-
-def variants(gha_lrs: list[float]) -> list[Variant]:
-    stars = [Variant(f"star η={lr:g}", patch=True, gha_lr=lr) for lr in gha_lrs]
-    return [Variant("linear", patch=False), Variant("linear, STAR init", patch=True, fold=True)] + stars
-
-
 def _evaluate(block, gates, x, y, clusters, args) -> dict:
     from star_hf.evaluation import normalized_mutual_info, record_router_logits, top1_experts
 
@@ -160,7 +146,7 @@ def _load_balance(counts: torch.Tensor) -> dict[str, float]:
     return {"load_cv": cv, "load_entropy": entropy}
 
 
-def train_variant(base_block, task: Task, args: argparse.Namespace, seed: int, variant: Variant) -> dict:
+def train_variant(base_block, task: Task, args: argparse.Namespace, seed: int, variant: _common.Variant) -> dict:
     """Train one copy of ``base_block`` as ``variant`` describes; return its final metrics and curves."""
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
@@ -173,12 +159,8 @@ def train_variant(base_block, task: Task, args: argparse.Namespace, seed: int, v
         subspace_alignment,
     )
 
-    block = copy.deepcopy(base_block)
-    if variant.patch:
-        star_hf.patch_model(block, star_hf.StarConfig(init="paper", gha_lr=variant.gha_lr, seed=seed))
-        if variant.fold:
-            star_hf.fold(block)
-    star = variant.patch and not variant.fold
+    block = variant.build(base_block, seed)
+    star = variant.star
     gates = gate_modules(block)
     router = next(iter(gates.values()))
     block.train()
@@ -239,11 +221,11 @@ def train_variant(base_block, task: Task, args: argparse.Namespace, seed: int, v
 
 
 def run(args: argparse.Namespace) -> dict:
-    runs: dict[str, list[dict]] = {v.name: [] for v in variants(args.gha_lrs)}
+    runs: dict[str, list[dict]] = {v.name: [] for v in _common.variants(args.gha_lrs)}
     for seed in range(args.seeds):
         task = Task.create(args, seed)
         base = build_block(args, seed)
-        for variant in variants(args.gha_lrs):
+        for variant in _common.variants(args.gha_lrs):
             rec = train_variant(base, task, args, seed, variant)
             runs[variant.name].append(rec)
             f = rec["final"]

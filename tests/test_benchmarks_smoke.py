@@ -46,7 +46,7 @@ def test_synthetic_routing_smoke(tmp_path):
 
 def test_tiny_lm_smoke(tmp_path):
     result = _run("tiny_lm", tmp_path)
-    assert set(result["summary"]) == {"linear", "star η=5e-05", "star η=0.001"}
+    assert set(result["summary"]) == {"linear", "linear, STAR init", "star η=0", "star η=5e-05", "star η=0.001"}
     _finite(result["summary"])
     # Every variant is evaluated before training and at the end.
     for runs in result["runs"].values():

@@ -243,6 +243,20 @@ def lm_final_metrics(curve) -> dict[str, float]:
     return final
 
 
+def basis_mean_diagnostics(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """:func:`star_hf.evaluation.mean_direction` of every STAR router on ``batches``, averaged over
+    layers (empty for a stock model)."""
+    import star_hf
+    from star_hf.evaluation import evaluate_causal_lm, mean_direction
+
+    routers = star_hf.find_star_routers(model)
+    if not routers:
+        return {}
+    ev = evaluate_causal_lm(model, batches, input_moments=True)
+    rows = [mean_direction(r.star_basis, ev.input_moment[p], ev.input_mean[p]) for p, r in routers.items()]
+    return {key: statistics.fmean(row[key] for row in rows) for key in ("mean_share", "first_row_cos")}
+
+
 def lm_final_line(final: dict[str, float]) -> str:
     line = (
         f"val loss {final['val_loss']:.4f} (ppl {final['val_ppl']:.2f}) fluct {final['fluctuation_mean']:.4f}/"
@@ -278,6 +292,7 @@ LM_COLUMNS = [
     ("load_entropy", "load entropy"),
     ("s", "mean s"),
     ("alignment", "B alignment"),
+    ("first_row_cos", "|cos(B₀, mean)|"),
 ]
 
 
@@ -286,7 +301,9 @@ def lm_table(summary: dict[str, dict[str, Any]]) -> str:
     return markdown_table(["router"] + [title for _, title in LM_COLUMNS], rows)
 
 
-def plot_lm(runs: dict[str, list[dict[str, Any]]], path: Path, title: str) -> Path:
+def plot_lm(runs: dict[str, list[dict[str, Any]]], path: Path, title: str, baseline: str = "linear") -> Path:
+    """Validation loss, its paired difference to ``baseline`` (same seed), fluctuation, load CV and s
+    over the training steps, mean ± std over seeds."""
     panels = []
     for key, panel_title, ylabel in (
         ("val_loss", "validation loss", "cross-entropy (nats/byte)"),
@@ -300,6 +317,22 @@ def plot_lm(runs: dict[str, list[dict[str, Any]]], path: Path, title: str) -> Pa
             if series[0]:
                 curves[name] = ([p["step"] for p in recs[0]["curve"] if p.get(key) is not None], series)
         panels.append({"title": panel_title, "ylabel": ylabel, "curves": curves})
+        if key == "val_loss" and baseline in runs:
+            steps = [p["step"] for p in runs[baseline][0]["curve"]]
+            deltas = {
+                name: (
+                    steps,
+                    [
+                        [p["val_loss"] - q["val_loss"] for p, q in zip(r["curve"], b["curve"])]
+                        for r, b in zip(recs, runs[baseline])
+                    ],
+                )
+                for name, recs in runs.items()
+                if name != baseline
+            }
+            panels.append(
+                {"title": f"validation loss − {baseline} (same seed)", "ylabel": "Δ nats/byte", "curves": deltas}
+            )
     return plot_panels(path, panels, title)
 
 

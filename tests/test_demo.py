@@ -134,6 +134,7 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, capsys, demo_
         (["--model-dir", str(tmp_path)], "no config.json"),
         (["--steps", "0"], "--steps must be an integer >= 1"),
         (["--tta-lr", "nan"], "--tta-lr must be a finite number"),
+        (["--shift-corpus", "wikipedia"], "--shift-corpus must be one of"),
     ]
     for extra, message in cases:
         target = tmp_path / "new"

@@ -8,7 +8,7 @@ overhead is the median of the per-pair time ratios. Two configs: ``tiny`` (the t
 where per-forward fixed costs weigh most) and ``mid`` (hidden 512, 8 layers, 8 experts).
 
 Usage:
-    python benchmarks/tta_generation.py                    # both configs, CPU float32, writes JSON
+    python benchmarks/tta_generation.py                    # both configs, CPU float32, 1 thread, writes JSON
     python benchmarks/tta_generation.py --configs mid --batch 8 --new-tokens 128
     python benchmarks/tta_generation.py --smoke            # seconds; checks that everything runs
 """
@@ -118,7 +118,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=7, help="interleaved plain/adapted pairs")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads on CPU")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads on CPU (1: stable on a shared machine)"
+    )
     parser.add_argument("--output", type=Path, default=_common.RESULTS_DIR / "tta_generation.json")
     parser.add_argument("--smoke", action="store_true", help="tiny config, few tokens: a seconds-long check")
     args = parser.parse_args(argv)

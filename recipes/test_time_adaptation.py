@@ -1,8 +1,9 @@
 """Test-time subspace adaptation under a domain shift: English prose → Python source code.
 
-For each seed a tiny Mixtral-style LM (byte vocabulary, built from a config) is patched with STAR
-routers and trained on English prose — the docstrings of Python's standard library — with one GHA
-update per optimizer step (or a patched checkpoint is loaded with ``--model-dir``). Held-out batches
+For each seed a small Mixtral-style LM (byte vocabulary, built from a config) is patched with STAR
+routers and trained on English prose — the docstrings of Python's standard library — with the
+``Trainer`` and ``star_hf.StarCallback`` (one GHA update per optimizer step). ``--model-dir`` takes a
+STAR checkpoint trained elsewhere (evaluated as it is) or a stock one (patched, then trained here). Held-out batches
 of the training domain and of a clearly different one — the standard library's source code — are
 then evaluated three ways:
 
@@ -13,18 +14,19 @@ then evaluated three ways:
 * ``TTA stream``: one adaptation block over the whole evaluation stream: the bases keep tracking the
   inputs from batch to batch (restored when the block ends).
 
-Reported per (domain, condition), mean ± std over seeds: next-token loss and perplexity; load
-entropy (normalised entropy of the top-k expert load, mean over layers; 1 = balanced); routing
-fluctuation (share of evaluated tokens whose top-1 expert differs from the frozen model's on the same
-tokens, mean over layers); basis alignment (mean squared cosine of the principal angles between the
-final bases and the top-R principal subspace of the domain's router inputs, mean over layers); basis
-drift ‖B_end − B_trained‖_F (mean over layers). A markdown table is printed and everything is written
-to JSON.
+Reported per (domain, condition), mean ± std over seeds: next-token loss; its change against the
+frozen model of the same seed on the same tokens (paired, so the seed-to-seed spread cancels);
+perplexity; load entropy (normalised entropy of the top-k expert load, mean over layers; 1 =
+balanced); routing fluctuation (share of evaluated tokens whose top-1 expert differs from the frozen
+model's on the same tokens, mean over layers); basis alignment (mean squared cosine of the principal
+angles between the final bases and the top-R principal subspace of the domain's router inputs, mean
+over layers); basis drift ‖B_end − B_trained‖_F (mean over layers). A markdown table is printed and
+written with the JSON of every run to ``--output-dir``.
 
     python recipes/test_time_adaptation.py                # 3 seeds, a few minutes on 2 CPU cores
     python recipes/test_time_adaptation.py --smoke        # seconds (CI)
     python recipes/test_time_adaptation.py --tta-lrs 1e-3 1e-2 --eval-sequences 256
-    python recipes/test_time_adaptation.py --model-dir runs/finetune_trainer/final  # evaluate a checkpoint
+    python recipes/test_time_adaptation.py --model-dir runs/finetune_trainer/final  # a STAR checkpoint
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ import math
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local
@@ -44,105 +45,109 @@ DOMAIN_NAMES = {TRAIN_DOMAIN: "prose (train domain)", SHIFTED_DOMAIN: "code (shi
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-dir", type=Path, help="a patched checkpoint to evaluate instead of training (one run)")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--hidden-size", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--steps", type=int, default=300, help="training steps on the prose domain")
-    p.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate (cosine, 5%% warm-up)")
-    p.add_argument(
-        "--gha-lr", type=float, default=1e-2, help="GHA learning rate in training (high enough for the bases to settle)"
+    from star_hf.run_args import add_run_arguments, add_small_model_arguments, prepare_run, shrink_for_smoke
+
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    add_run_arguments(
+        p,
+        steps=300,
+        batch_size=16,
+        lr=2e-3,
+        seq_len=128,
+        output_dir="runs/test_time_adaptation",
+        model_dir_help="a local checkpoint: a STAR one is evaluated as it is, a stock one is patched and "
+        "trained on prose first (default: a small Mixtral built here)",
+    )
+    # The bases must have settled on the training domain for the shift to mean something; at these
+    # few steps that takes a higher GHA rate than the paper's 5e-5.
+    p.set_defaults(gha_lr=1e-2)
+    p.add_argument("--seeds", type=int, default=3, help="independent runs, with seeds --seed, --seed + 1, ...")
     p.add_argument("--tta-lrs", type=float, nargs="+", default=[1e-3, 1e-2], help="test-time GHA learning rates")
     p.add_argument("--max-chars", type=int, default=600_000, help="characters read from each corpus")
     p.add_argument("--eval-sequences", type=int, default=128, help="held-out sequences per domain")
     p.add_argument("--eval-batch-size", type=int, default=8, help="sequences per evaluation forward")
-    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    p.add_argument("--output-dir", type=Path, default=Path("runs/test_time_adaptation"), help="results.json, table.md")
-    p.add_argument("--smoke", action="store_true", help="a minute model and a few steps: finishes in seconds")
+    add_small_model_arguments(p)
+    p.set_defaults(layers=2)
     args = p.parse_args(argv)
-    if args.smoke:
-        args.seeds, args.hidden_size, args.layers, args.experts, args.steps = 1, 32, 2, 4, 4
-        args.seq_len, args.batch_size, args.max_chars, args.eval_sequences, args.eval_batch_size = 32, 4, 30_000, 8, 4
-    if args.model_dir is not None and not args.model_dir.is_dir():
-        p.error(f"--model-dir {args.model_dir} is not a directory")
-    for name in ("seeds", "steps", "seq_len", "batch_size", "eval_sequences", "eval_batch_size", "threads"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if any(not math.isfinite(lr) or lr < 0 for lr in [args.gha_lr, *args.tta_lrs]):
-        p.error("GHA learning rates must be finite and >= 0")
+    shrink_for_smoke(args, seeds=1, eval_sequences=8, eval_batch_size=4)
+    prepare_run(p, args)
+    if args.seeds < 1 or args.eval_batch_size < 1:
+        p.error("--seeds and --eval-batch-size must be >= 1")
+    if any(not math.isfinite(lr) or lr < 0 for lr in args.tta_lrs):
+        p.error("--tta-lrs must be finite numbers >= 0")
     return args
 
 
 # ----------------------------------------------------------------------------- data and model
-def load_domains(args: argparse.Namespace) -> dict:
-    """Training sequences of the prose domain and held-out batches of both domains."""
-    from star_hf.data import ByteTokenizer, load_text_corpus, make_lm_dataset, split_documents
+def load_tokenizer(args: argparse.Namespace):
+    """The checkpoint's tokenizer where ``--model-dir`` has one, else star_hf's byte tokenizer."""
+    from star_hf.data import ByteTokenizer
 
-    tokenizer = ByteTokenizer()
-    data = {"vocab_size": tokenizer.vocab_size, "eval": {}}
+    files = ("tokenizer.json", "tokenizer_config.json")
+    if args.model_dir is not None and any((args.model_dir / f).is_file() for f in files):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(args.model_dir)
+    return ByteTokenizer()
+
+
+def load_domains(args: argparse.Namespace, tokenizer) -> dict:
+    """Training blocks of the prose domain and held-out batches of both domains."""
+    from star_hf.experiments import lm_data
+
+    data = {"eval": {}}
     for corpus in (TRAIN_DOMAIN, SHIFTED_DOMAIN):
-        train_docs, eval_docs = split_documents(load_text_corpus(corpus, args.max_chars), 0.05, seed=0)
+        train, batches = lm_data(
+            tokenizer,
+            seq_len=args.seq_len,
+            eval_sequences=args.eval_sequences,
+            batch_size=args.eval_batch_size,
+            corpus=corpus,
+            max_chars=args.max_chars,
+        )
+        data["eval"][corpus] = batches
         if corpus == TRAIN_DOMAIN:
-            data["train"] = make_lm_dataset(train_docs, tokenizer, args.seq_len).sequences
-        held_out = make_lm_dataset(eval_docs, tokenizer, args.seq_len, max_sequences=args.eval_sequences).sequences
-        data["eval"][corpus] = [held_out[i : i + args.eval_batch_size] for i in range(0, len(held_out), args.eval_batch_size)]
+            data["train"] = train
     return data
 
 
-def build_model(args: argparse.Namespace, vocab_size: int, seed: int):
+def _is_star_checkpoint(model_dir: Path) -> bool:
+    from transformers import AutoConfig
+
+    return bool(getattr(AutoConfig.from_pretrained(str(model_dir)), "star_config", None))
+
+
+def trained_model(args: argparse.Namespace, tokenizer, train, seed: int):
+    """(patched model in eval mode, record): trained on prose here, or a STAR checkpoint as it is."""
     import torch
-    from transformers import MixtralConfig, MixtralForCausalLM
 
     import star_hf
+    from star_hf.experiments import load_checkpoint, tiny_moe, train_model
+    from star_hf.run_args import trainer_options
 
-    config = MixtralConfig(
-        vocab_size=vocab_size,
-        hidden_size=args.hidden_size,
-        intermediate_size=2 * args.hidden_size,
-        num_hidden_layers=args.layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=args.experts,
-        num_experts_per_tok=args.top_k,
-        max_position_embeddings=args.seq_len,
-        output_router_logits=True,  # Mixtral's load-balancing aux loss, as in the paper's setting
-        router_aux_loss_coef=1e-2,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    model = MixtralForCausalLM(config)
-    return star_hf.patch_model(model, star_hf.StarConfig(init="paper", gha_lr=args.gha_lr, seed=seed))
-
-
-def train(model, sequences, args: argparse.Namespace, seed: int) -> dict:
-    """AdamW on next-token loss (+ aux loss), one GHA update per optimizer step."""
-    import torch
-    from transformers import get_cosine_schedule_with_warmup
-
-    import star_hf
-
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, args.steps // 20), args.steps)
-    model.train()
-    start, losses = time.perf_counter(), []
-    for _ in range(args.steps):
-        ids = sequences[torch.randint(0, len(sequences), (args.batch_size,), generator=generator)]
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        star_hf.gha_step(model)
-        losses.append(float(loss.detach()))
-    model.eval()
-    return {"final_train_loss": statistics.fmean(losses[-10:]), "train_seconds": time.perf_counter() - start}
+    if args.model_dir is not None and _is_star_checkpoint(args.model_dir):
+        model = star_hf.from_pretrained(args.model_dir, dtype=getattr(torch, args.dtype))
+        return model.eval(), {"checkpoint": str(args.model_dir)}
+    if args.model_dir is not None:
+        model = load_checkpoint(args.model_dir, dtype=args.dtype, tokenizer=tokenizer)
+        init = "preserve"  # a trained gate: keep its outputs at step 0
+    else:
+        model = tiny_moe(
+            "mixtral",
+            len(tokenizer),
+            seed=seed,
+            hidden_size=args.hidden_size,
+            num_layers=args.layers,
+            num_experts=args.experts,
+            max_positions=args.seq_len,
+        )
+        init = "paper"
+    star_hf.patch_model(model, star_hf.StarConfig(init=init, gha_lr=args.gha_lr, seed=seed))
+    options = {**trainer_options(args), "seed": seed}
+    record = train_model(model, train, star=True, eval_every=max(1, args.steps // 10), **options)
+    return model.eval(), {"train_seconds": record["seconds"], "train_log": record["train_log"]}
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -204,12 +209,14 @@ def evaluate_model(model, data: dict, tta_lrs: list[float]) -> dict:
         for lr in tta_lrs:
             for condition in ("TTA per batch", "TTA stream"):
                 rows[f"{condition} (η={lr:g})"] = evaluate_condition(model, batches, condition, lr, frozen["_result"], moments)
+        for row in rows.values():  # paired with the frozen model of the same seed, on the same tokens
+            row["loss_change"] = row["loss"] - frozen["loss"]
         out[corpus] = {name: {k: v for k, v in row.items() if not k.startswith("_")} for name, row in rows.items()}
     return out
 
 
 # ----------------------------------------------------------------------------- report
-METRICS = ("loss", "perplexity", "load_entropy", "fluctuation", "alignment", "drift")
+METRICS = ("loss", "loss_change", "perplexity", "load_entropy", "fluctuation", "alignment", "drift")
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -228,38 +235,35 @@ def summarise(runs: list[dict]) -> dict:
 
 def markdown_table(summary: dict, seeds: int) -> str:
     head = (
-        f"| domain | condition | loss | perplexity | load entropy | fluctuation vs frozen | alignment | drift |\n"
-        "|---|---|---|---|---|---|---|---|"
+        "| domain | condition | loss | loss − frozen | perplexity | load entropy | fluctuation vs frozen | alignment | drift |\n"
+        "|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
     for corpus, conditions in summary.items():
         for condition, m in conditions.items():
-            cells = [f"{m[k]['mean']:.4f} ± {m[k]['std']:.4f}" if seeds > 1 else f"{m[k]['mean']:.4f}" for k in METRICS]
+            cells = []
+            for k in METRICS:
+                spec = "{:+.4f}" if k == "loss_change" else "{:.4f}"
+                cell = spec.format(m[k]["mean"])
+                cells.append(f"{cell} ± {m[k]['std']:.4f}" if seeds > 1 else cell)
             lines.append(f"| {DOMAIN_NAMES[corpus]} | {condition} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    import torch
-
-    import star_hf
     from star_hf.io import atomic_directory, write_json
 
-    torch.set_num_threads(args.threads)
-    data = load_domains(args)
+    tokenizer = load_tokenizer(args)
+    data = load_domains(args, tokenizer)
     print(
-        f"train: {len(data['train'])} prose sequences of {args.seq_len} bytes; eval: "
-        + ", ".join(f"{sum(len(b) for b in batches)} {DOMAIN_NAMES[c]}" for c, batches in data["eval"].items())
+        f"train: {len(data['train'])} prose sequences of {args.seq_len} tokens; eval: "
+        + ", ".join(f"{sum(len(b['input_ids']) for b in batches)} {DOMAIN_NAMES[c]}" for c, batches in data["eval"].items())
     )
     runs = []
-    seeds = [0] if args.model_dir is not None else range(args.seeds)
-    for seed in seeds:
-        if args.model_dir is not None:
-            model, record = star_hf.from_pretrained(args.model_dir).eval(), {"checkpoint": str(args.model_dir)}
-        else:
-            model = build_model(args, data["vocab_size"], seed)
-            record = train(model, data["train"], args, seed)
+    one_run = args.model_dir is not None and _is_star_checkpoint(args.model_dir)  # nothing random to vary
+    for seed in range(args.seed, args.seed + (1 if one_run else args.seeds)):
+        model, record = trained_model(args, tokenizer, data["train"], seed)
         record["eval"] = evaluate_model(model, data, args.tta_lrs)
         runs.append(record)
         shifted = record["eval"][SHIFTED_DOMAIN]
@@ -271,8 +275,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = summarise(runs)
     table = markdown_table(summary, len(runs))
     print(table)
-    payload = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "runs": runs,
-               "summary": summary, "table": table}
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    payload = {"settings": settings, "runs": runs, "summary": summary, "table": table}
     with atomic_directory(args.output_dir, keep_existing=True) as tmp:
         write_json(tmp / "results.json", payload)
         (tmp / "table.md").write_text(table + "\n")

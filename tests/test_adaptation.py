@@ -317,7 +317,7 @@ def test_recipe_smoke_run_reports_every_domain_and_condition(tmp_path):
     spec = importlib.util.spec_from_file_location("test_time_adaptation_recipe", path)
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
-    out = recipe.main(["--smoke", "--threads", "1", "--output-dir", str(tmp_path)])
+    out = recipe.main(["--smoke", "--output-dir", str(tmp_path)])
     assert json.loads((tmp_path / "results.json").read_text())["table"] == out["table"]
     assert (tmp_path / "table.md").read_text().strip() == out["table"]
     for corpus in ("docstrings", "source"):
@@ -326,3 +326,6 @@ def test_recipe_smoke_run_reports_every_domain_and_condition(tmp_path):
         assert rows["frozen"]["drift"]["mean"] == 0 and rows["frozen"]["fluctuation"]["mean"] == 0
         assert rows["TTA stream (η=0.01)"]["drift"]["mean"] > rows["TTA per batch (η=0.01)"]["drift"]["mean"] > 0
         assert all(math.isfinite(m["mean"]) for row in rows.values() for m in row.values())
+    for bad in (["--tta-lrs", "-1"], ["--seeds", "0"], ["--eval-batch-size", "0"], ["--steps", "0"]):
+        with pytest.raises(SystemExit):
+            recipe.parse_args(bad)

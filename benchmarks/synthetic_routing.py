@@ -26,7 +26,7 @@ top-k assignments (CV, normalised entropy), and for STAR the basis diagnostics (
 top-R principal subspace of the inputs, drift from its initial value, mean interpolation s).
 
 Usage:
-    python benchmarks/synthetic_routing.py                 # D=128, 3 seeds, η ∈ {0, 5e-5, 1e-2}, ~3 min on 1 core
+    python benchmarks/synthetic_routing.py                 # D=128, 3 seeds, η ∈ {0, 5e-5, 1e-2}, 1–5 min on 1 core
     python benchmarks/synthetic_routing.py --hidden 32 --tag d32      # structure in a quarter of the space
     python benchmarks/synthetic_routing.py --smoke         # seconds
     python benchmarks/synthetic_routing.py --aux-coef 0 --tag noaux   # no load-balancing loss

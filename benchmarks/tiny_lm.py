@@ -17,7 +17,7 @@ the interpolation s and, at the end, the alignment of each basis with the top-R 
 of its router's actual inputs (does GHA find the structure in the allotted steps?).
 
 Usage:
-    python benchmarks/tiny_lm.py                          # 3 seeds, 5 variants, ~5 min on 1 quiet core
+    python benchmarks/tiny_lm.py                          # 3 seeds, 5 variants, 4–8 min on 1 core
     python benchmarks/tiny_lm.py --smoke                  # seconds
     python benchmarks/tiny_lm.py --seeds 10 --gha-lrs 5e-5 --tag 10seeds
     python benchmarks/tiny_lm.py --gha-lrs 5e-5 --steps 600 --hidden 128

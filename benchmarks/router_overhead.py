@@ -79,45 +79,69 @@ def bench_block(args) -> dict:
         args.hidden, args.intermediate, args.experts, args.top_k, dtype, args.device, args.experts_implementation
     )
     star = star_hf.patch_model(copy.deepcopy(base))
+    # An identical unpatched copy measures the noise floor: any ratio between two copies of the same
+    # block comes from memory layout and timing noise, not from the router.
+    twin = copy.deepcopy(base)
     g = torch.Generator(device="cpu").manual_seed(1)
     x = torch.randn(1, args.tokens, args.hidden, generator=g).to(args.device, dtype)
-    x_train = x.clone().requires_grad_(False)
 
     results = {}
     for mode, timer in (("train", _time_train), ("eval", _time_eval)):
-        for m in (base, star):
+        for m in (base, star, twin):
             m.train(mode == "train")
             for _ in range(args.warmup):
-                timer(m, x_train, args.device)
+                timer(m, x, args.device)
                 m.zero_grad(set_to_none=True)
         star_hf.gha_step(star)  # clear warm-up statistics
-        ratios, t_base, t_star = [], [], []
+        times: dict[int, list[float]] = {id(base): [], id(star): [], id(twin): []}
         for i in range(args.repeats):
-            order = (base, star) if i % 2 == 0 else (star, base)
-            times = {}
-            for m in order:
-                times[id(m)] = timer(m, x_train, args.device)
+            for m in (base, star, twin) if i % 2 == 0 else (twin, star, base):
+                times[id(m)].append(timer(m, x, args.device))
                 m.zero_grad(set_to_none=True)
-            t_base.append(times[id(base)])
-            t_star.append(times[id(star)])
-            ratios.append(times[id(star)] / times[id(base)])
+        t_base, t_star, t_twin = times[id(base)], times[id(star)], times[id(twin)]
+        ratios = [s_ / b_ for s_, b_ in zip(t_star, t_base)]
         results[mode] = {
             "original_median_s": statistics.median(t_base),
             "star_median_s": statistics.median(t_star),
+            "ratio_of_medians": statistics.median(t_star) / statistics.median(t_base),
             "ratio_median": statistics.median(ratios),
             "ratio_min": min(ratios),
             "ratio_max": max(ratios),
+            "identical_copy_ratio_of_medians": statistics.median(t_twin) / statistics.median(t_base),
             "repeats": args.repeats,
         }
+    results["router_only_eval"] = bench_router_only(base.gate, star.gate, x.reshape(-1, args.hidden), args)
     # one GHA step on the statistics of one training forward (applied once per optimizer step)
     star.train()
-    star(x_train).float().sum().backward()
+    star(x).float().sum().backward()
     _sync(args.device)
     t0 = time.perf_counter()
     star_hf.gha_step(star)
     _sync(args.device)
     results["gha_step_s"] = time.perf_counter() - t0
     return results
+
+
+def bench_router_only(original, star, x: torch.Tensor, args) -> dict:
+    """The router alone in eval mode (no grad): the original gate against the STAR router's cached
+    W_eff, which adds only Python work (the cache-key check) on top of the same kernels."""
+    inner = 50
+    for m in (original, star):
+        m.eval()
+    per_call = {id(original): [], id(star): []}
+    with torch.no_grad():
+        for m in (original, star):
+            m(x)
+        for i in range(args.repeats * 4):
+            for m in (original, star) if i % 2 == 0 else (star, original):
+                _sync(args.device)
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    m(x)
+                _sync(args.device)
+                per_call[id(m)].append((time.perf_counter() - t0) / inner)
+    t_o, t_s = statistics.median(per_call[id(original)]), statistics.median(per_call[id(star)])
+    return {"original_median_s": t_o, "star_median_s": t_s, "ratio_of_medians": t_s / t_o}
 
 
 # ----------------------------------------------------------------------------- part 2: the GHA update
@@ -249,10 +273,16 @@ def main(argv: list[str] | None = None) -> int:
         report["block_timing"] = bench_block(args)
         bt = report["block_timing"]
         print(
-            f"MoE block, {args.tokens} tokens, hidden {args.hidden}: train fwd+bwd STAR/original = "
-            f"{bt['train']['ratio_median']:.3f} (original {bt['train']['original_median_s']:.3f} s), "
-            f"eval fwd = {bt['eval']['ratio_median']:.3f} (original {bt['eval']['original_median_s']:.4f} s), "
-            f"gha_step {bt['gha_step_s'] * 1e3:.2f} ms"
+            f"MoE block, {args.tokens} tokens, hidden {args.hidden}: STAR/original, median of pair ratios "
+            f"(ratio of median times): train fwd+bwd {bt['train']['ratio_median']:.3f} "
+            f"({bt['train']['ratio_of_medians']:.3f}; original {bt['train']['original_median_s']:.3f} s), "
+            f"eval fwd {bt['eval']['ratio_median']:.3f} ({bt['eval']['ratio_of_medians']:.3f}; "
+            f"original {bt['eval']['original_median_s']:.4f} s); identical unpatched copy/original: train "
+            f"{bt['train']['identical_copy_ratio_of_medians']:.3f}, eval {bt['eval']['identical_copy_ratio_of_medians']:.3f}; "
+            f"router alone in eval "
+            f"{bt['router_only_eval']['ratio_of_medians']:.3f} "
+            f"({bt['router_only_eval']['original_median_s'] * 1e6:.1f} vs "
+            f"{bt['router_only_eval']['star_median_s'] * 1e6:.1f} µs); gha_step {bt['gha_step_s'] * 1e3:.2f} ms"
         )
     if not args.skip_gha:
         report["gha_update"] = g = bench_gha(args)

@@ -36,7 +36,7 @@ from transformers.training_args import ParallelMode
 
 from .metrics import RoutingMonitor, monitor_of
 from .patcher import find_star_routers
-from .step import gha_step
+from .step import gha_step, register_pending_statistics_listener
 
 __all__ = ["SCHEDULES", "StarCallback", "check_statistics_pile_up"]
 
@@ -208,25 +208,23 @@ def _running_trainer() -> Any:
     return None
 
 
-def check_statistics_pile_up(router: nn.Module) -> None:
+def check_statistics_pile_up(router: nn.Module) -> float:
     """Called by a router whose statistics outlived one optimizer step's worth of forwards.
 
     Inside a ``Trainer``, one optimizer step runs ``gradient_accumulation_steps`` training forwards;
     if a router has accumulated more than that, nothing called :func:`star_hf.gha_step` at the end of
     the step (no :class:`StarCallback`, nor another callback doing it): warn once per Trainer. Outside
-    a Trainer (custom loops), or with the callback in place, the router stops asking.
+    a Trainer (custom loops), or with the callback in place, the router stops asking. Returns the
+    pending-forward count at which the router asks again.
     """
     trainer = _running_trainer()
     if trainer is None or any(isinstance(c, StarCallback) for c in trainer.callback_handler.callbacks):
-        router._star_pending_limit = math.inf
-        return
+        return math.inf
     per_step = max(1, int(trainer.args.gradient_accumulation_steps))
     if router._star_pending_forwards <= per_step:
-        router._star_pending_limit = per_step
-        return
-    router._star_pending_limit = math.inf
+        return per_step
     if trainer in _warned_trainers:
-        return
+        return math.inf
     _warned_trainers.add(trainer)
     warnings.warn(
         "star_hf: this Trainer trains a model with STAR routers, but nothing applies their GHA updates: "
@@ -236,3 +234,7 @@ def check_statistics_pile_up(router: nn.Module) -> None:
         UserWarning,
         stacklevel=2,
     )
+    return math.inf
+
+
+register_pending_statistics_listener(check_statistics_pile_up)

@@ -157,12 +157,27 @@ class StarRouterMixin:
             return True
         return not any(p is not None and p.requires_grad for p in self._star_tensors()[:4])
 
-    def _star_cache_key(self) -> tuple:
-        # The basis comes first: key[1:] identifies the basis-independent factors.
-        w, b, m, a, basis = self._star_tensors()
-        return tuple(
-            None if t is None else (t._version, t.data_ptr(), t.device, t.dtype) for t in (basis, w, b, m, a)
-        ) + (self.star_config.logits_fp32, self.star_config.gha_only, _optimizer_steps)
+    def _star_cache_key(self) -> tuple[tuple, tuple]:
+        """(basis state, state of everything else): a tensor's version counter and storage change
+        with every in-place update, load or move. Read straight from the module's dicts: this runs
+        on every eval forward, where nn.Module.__getattr__ would cost more than the gate itself."""
+        params, basis = self._parameters, self._buffers["star_basis"]
+        w, b = params["star_linear_weight"], params["star_linear_bias"]
+        m, a = params["star_mixing"], params["star_alpha"]
+        cfg = self.star_config
+        rest = (
+            w._version,
+            w.data_ptr(),
+            m._version,
+            m.data_ptr(),
+            a._version,
+            a.data_ptr(),
+            None if b is None else (b._version, b.data_ptr()),
+            cfg.logits_fp32,
+            cfg.gha_only,
+            _optimizer_steps,
+        )
+        return (basis._version, basis.data_ptr()), rest
 
     def _star_static_factors(self) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """(s ⊙ W, (1 − s) ⊙ M, b_eff): with them W_eff = s ⊙ W + ((1 − s) ⊙ M) B is one addmm.
@@ -199,7 +214,7 @@ class StarRouterMixin:
         cached = self.__dict__.get("_star_cache")
         if cached is None or cached[0] != key:
             with torch.no_grad():
-                same_factors = cached is not None and cached[0][1:] == key[1:]
+                same_factors = cached is not None and cached[0][1] == key[1]
                 static = cached[2] if same_factors else self._star_static_factors()
                 cached = (key, self._star_compute_effective(static), static)
             self.__dict__["_star_cache"] = cached
@@ -251,9 +266,9 @@ class StarRouterMixin:
                 self._star_pending_forwards += 1
                 if self._star_pending_forwards > self.__dict__.get("_star_pending_limit", 1):
                     # More forwards than one optimizer step has: maybe nothing calls gha_step.
-                    from .callback import check_statistics_pile_up
+                    from .step import pending_statistics_limit
 
-                    check_statistics_pile_up(self)
+                    self._star_pending_limit = pending_statistics_limit(self)
 
     def _star_adapt(self, x: torch.Tensor) -> None:
         """One guarded GHA update from the real tokens of this eval forward, before its logits.

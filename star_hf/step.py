@@ -8,7 +8,9 @@ one process would compute on the global batch.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -16,7 +18,29 @@ import torch.nn as nn
 
 from .gha import GHAStatistics
 
-__all__ = ["all_reduce_statistics", "gha_step"]
+__all__ = [
+    "all_reduce_statistics",
+    "gha_step",
+    "pending_statistics_limit",
+    "register_pending_statistics_listener",
+]
+
+
+# Asked when a router's statistics outlive one optimizer step's worth of training forwards, a sign
+# that nothing calls gha_step. Integrations that know what a step is (the Trainer callback) register
+# here; each returns after how many pending forwards to ask again (math.inf: stop asking). The
+# routers themselves know nothing of training frameworks.
+_pending_listeners: list[Callable[[nn.Module], float]] = []
+
+
+def register_pending_statistics_listener(listener: Callable[[nn.Module], float]) -> None:
+    if listener not in _pending_listeners:
+        _pending_listeners.append(listener)
+
+
+def pending_statistics_limit(router: nn.Module) -> float:
+    """The next pending-forward count at which ``router`` should ask the listeners again."""
+    return min((listener(router) for listener in list(_pending_listeners)), default=math.inf)
 
 
 def _distributed() -> bool:

@@ -9,7 +9,8 @@ from .config import StarConfig
 from .gha import GHAStatistics
 from .hub import HubUploadError, push_to_hub, stage_for_hub
 from .io import CorruptFileError
-from .integrations import install_import_hooks as _install_import_hooks
+# PEFT keeps STAR routers out of LoRA and saves them with adapters; the integration installs itself.
+from .integrations import peft as _peft_integration  # noqa: F401
 from .loading import from_pretrained, save_pretrained
 from .metrics import RoutingMonitor, routing_report
 from .patcher import AlreadyPatchedError, NoRouterError, UnsupportedRouterError, find_star_routers, fold, patch_model
@@ -17,9 +18,6 @@ from .router import StarRouterMixin, is_star_router
 from .step import gha_step
 
 __version__ = "0.1.0"
-
-# PEFT keeps STAR routers out of LoRA and saves them with adapters (star_hf/integrations/peft.py).
-_install_import_hooks()
 
 __all__ = [
     "AdapterMismatchError",

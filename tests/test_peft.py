@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib
-import sys
 
 import pytest
 import torch
@@ -427,29 +425,3 @@ def test_transformers_add_adapter_keeps_routers_trainable():
     assert model.peft_config["default"].modules_to_save == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
     routers = find_star_routers(model)
     assert len(routers) == 2 and all(r.star_mixing.requires_grad for r in routers.values())
-
-
-@pytest.mark.parametrize("integration_first", [False, True])
-def test_an_integration_installs_after_its_library_is_imported(tmp_path, monkeypatch, integration_first):
-    """The post-import hook that installs the PEFT integration, on a stand-in library."""
-    from star_hf import integrations
-
-    (tmp_path / "star_fake_lib").mkdir()
-    (tmp_path / "star_fake_lib" / "__init__.py").write_text("VALUE = 1\n")
-    # Like star_hf.integrations.peft: imports its library and installs itself at import.
-    (tmp_path / "star_fake_integration.py").write_text(
-        "import star_fake_lib\nstar_fake_lib.INSTALLED = getattr(star_fake_lib, 'INSTALLED', 0) + star_fake_lib.VALUE\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
-    monkeypatch.setitem(integrations._INTEGRATIONS, "star_fake_lib", "star_fake_integration")
-    try:
-        integrations.install_import_hooks()
-        if integration_first:
-            importlib.import_module("star_fake_integration")
-        lib = importlib.import_module("star_fake_lib")
-        assert lib.INSTALLED == 1
-        assert type(lib.__spec__.loader).__name__ == "SourceFileLoader"
-    finally:
-        for name in ("star_fake_lib", "star_fake_integration"):
-            sys.modules.pop(name, None)

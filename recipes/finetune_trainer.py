@@ -63,63 +63,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_model(args: argparse.Namespace, vocab_size: int):
-    import torch
-    from transformers import MixtralConfig, MixtralForCausalLM
+    """The stock tiny Mixtral these flags describe (also the model of benchmarks/trainer_overhead.py)."""
+    from star_hf.experiments import tiny_moe
 
-    torch.manual_seed(args.seed)
-    config = MixtralConfig(
-        vocab_size=vocab_size,
+    return tiny_moe(
+        "mixtral",
+        vocab_size,
+        seed=args.seed,
         hidden_size=args.hidden_size,
-        intermediate_size=2 * args.hidden_size,
-        num_hidden_layers=args.layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=args.experts,
-        num_experts_per_tok=args.top_k,
-        max_position_embeddings=max(args.seq_len, 64),
-        tie_word_embeddings=False,
-        output_router_logits=True,  # Mixtral's load-balancing aux loss, as in fine-tuning practice
+        num_layers=args.layers,
+        num_experts=args.experts,
+        top_k=args.top_k,
+        max_positions=max(args.seq_len, 64),
     )
-    return MixtralForCausalLM(config)
 
 
 def load_model_and_tokenizer(args: argparse.Namespace):
     """(patched model, tokenizer): a tiny Mixtral + ByteTokenizer, or the local checkpoint's own."""
     import star_hf
-    from star_hf.data import ByteTokenizer
+    from star_hf.data import load_tokenizer
+    from star_hf.experiments import load_checkpoint
 
     star_config = star_hf.StarConfig(gha_lr=args.gha_lr, seed=args.seed)
+    tokenizer = load_tokenizer(args.model_dir)
     if args.model_dir is None:
-        tokenizer = ByteTokenizer()
-        return star_hf.patch_model(build_model(args, tokenizer.vocab_size), star_config), tokenizer
+        return star_hf.patch_model(build_model(args, len(tokenizer)), star_config), tokenizer
+    from transformers import AutoConfig
 
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    has_tokenizer = any((args.model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-    tokenizer = AutoTokenizer.from_pretrained(args.model_dir) if has_tokenizer else ByteTokenizer()
     if getattr(AutoConfig.from_pretrained(args.model_dir), "star_config", None):
-        model = star_hf.from_pretrained(args.model_dir)  # already patched: keep its STAR routers
-    else:
-        model = star_hf.patch_model(AutoModelForCausalLM.from_pretrained(args.model_dir), star_config)
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        raise SystemExit(
-            f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has "
-            f"{model.get_input_embeddings().num_embeddings}: put the checkpoint's tokenizer in {args.model_dir}."
-        )
-    return model, tokenizer
+        return star_hf.from_pretrained(args.model_dir), tokenizer  # already patched: keep its STAR routers
+    try:
+        model = load_checkpoint(args.model_dir, tokenizer=tokenizer)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    return star_hf.patch_model(model, star_config), tokenizer
 
 
 def held_out_loss(model, dataset, batch_size: int) -> float:
-    import torch
+    from star_hf.evaluation import evaluate_causal_lm
 
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(dataset), batch_size):
-            ids = dataset.sequences[start : start + batch_size].to(model.device)
-            total += float(model(ids, labels=ids).loss) * ids.shape[0]
-            count += ids.shape[0]
-    return total / count
+    return evaluate_causal_lm(model, [{"input_ids": ids} for ids in dataset.sequences.split(batch_size)]).loss
 
 
 def main(argv: list[str] | None = None) -> dict:

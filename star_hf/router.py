@@ -23,7 +23,7 @@ import torch.nn as nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .config import StarConfig
-from .gha import GHAStatistics, guarded_sanger_step_, guarded_update_
+from .gha import GHAStatistics, guarded_sanger_step_, guarded_update_, sanger_update
 from .masking import current_token_weight, current_token_weights
 
 __all__ = ["StarRouterMixin", "is_star_router"]
@@ -195,9 +195,10 @@ class StarRouterMixin:
 
     def _star_compute_effective(self, static: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         basis = _replicated_like(self.star_basis, self.star_mixing)
-        if torch.is_grad_enabled():
-            # Autograd keeps B for the gradient of M; GHA updates B in place, possibly before this
-            # graph's backward (update="forward", several forwards per step), so it gets a snapshot.
+        if torch.is_grad_enabled() and self.star_config.update == "forward":
+            # Autograd keeps B for the gradient of M; the per-forward update changes B in place,
+            # possibly before this graph's backward (several forwards per step), so it gets a snapshot.
+            # With per-step updates B only changes in gha_step, after the step's backward passes.
             basis = basis.clone()
         scaled_w, scaled_m, b_eff = self._star_static_factors() if static is None else static
         with _no_autocast(basis.device):
@@ -307,10 +308,11 @@ class StarRouterMixin:
     def star_reset_statistics(self) -> None:
         self._star_stats = None
 
-    def star_update_basis(self, stats: GHAStatistics, lr: float | None = None) -> None:
-        """One in-place Sanger update of the basis from ``stats`` (skipped on device if non-finite)."""
+    def _star_apply_checked_update(self, stats: GHAStatistics, lr: float) -> None:
+        """One in-place Sanger update from statistics the caller found finite and non-empty
+        (:func:`star_hf.gha_step` checks them for all routers with one host sync)."""
         with torch.no_grad():
-            guarded_update_(self.star_basis, stats, self.star_config.gha_lr if lr is None else lr)
+            self.star_basis.copy_(sanger_update(self.star_basis, stats, lr))
 
     def star_record_skipped_update(self) -> None:
         self._star_skipped_host = self.__dict__.get("_star_skipped_host", 0) + 1

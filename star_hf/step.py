@@ -110,6 +110,6 @@ def gha_step(model: nn.Module, lr: float | None = None) -> int:
         if not finite:
             router.star_record_skipped_update()
         elif count > 0 and step_lr > 0:
-            router.star_update_basis(s, step_lr)
+            router._star_apply_checked_update(s, step_lr)
             updated += 1
     return updated

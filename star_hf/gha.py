@@ -151,7 +151,8 @@ def guarded_sanger_step_(
         x = x.detach()
     if x.dim() != 2:
         x = x.reshape(-1, basis.shape[-1])
-    x = x.to(torch.float32)
+    if x.dtype != torch.float32:
+        x = x.to(torch.float32)
     if x.shape[0] == 0:
         return torch.zeros((), dtype=torch.bool, device=basis.device)
     y = torch.nn.functional.linear(x, basis)  # X Bᵀ
@@ -161,11 +162,10 @@ def guarded_sanger_step_(
         yw, scale = y * weights.scaled, lr
     # B + η (Yᵀ X − tril(Yᵀ Y) B) / N; with 0/1 weights, weighting one factor of each product is enough.
     ywt = yw.t()
-    new = torch.addmm(torch.addmm(basis, ywt, x, alpha=scale), torch.tril(ywt @ y), basis, alpha=-scale)
+    new = torch.addmm(torch.addmm(basis, ywt, x, alpha=scale), torch.tril(torch.mm(ywt, y)), basis, alpha=-scale)
     normalised = new / torch.linalg.vector_norm(new, dim=-1, keepdim=True)
-    # Entries of normalised rows are bounded by 1, so their sum is NaN exactly when a row is not
-    # finite or has zero norm: one scalar test instead of an element-wise isfinite and a reduction.
-    non_finite = torch.isnan(normalised.sum())
+    # A normalised row holds a NaN exactly when the row was not finite or had zero norm.
+    non_finite = normalised.isnan().any()
     keep = non_finite if weights is None else non_finite | weights.empty
     torch.where(keep, basis, normalised, out=basis)
     return non_finite

@@ -74,25 +74,37 @@ def current_token_weight(num_tokens: int) -> torch.Tensor | None:
 
 def current_token_weights(num_tokens: int, device: torch.device) -> TokenWeights | None:
     """:func:`current_token_weight` as :class:`~star_hf.gha.TokenWeights` on ``device``, derived once
-    per forward and shared by its routers (the per-forward update of test-time adaptation)."""
+    per forward and shared by its routers (the per-forward update of test-time adaptation).
+    ``None`` also when a host-resident mask has no padding in this forward's tokens."""
     stack = _stack()
     entry = stack[-1] if stack else None
     if entry is None:
         return None
     key = (num_tokens, device)
     if key not in entry.derived:
-        weight = _token_weight(entry.mask, num_tokens)
-        entry.derived[key] = None if weight is None else TokenWeights.from_weights(weight, device)
+        window = _mask_window(entry.mask, num_tokens)
+        if window is None or (window.device.type == "cpu" and bool(window.all())):
+            # A mask in host memory is read without a device sync. When it has no padding (every
+            # decode step of a left-padded batch), the unweighted update is the same and cheaper.
+            entry.derived[key] = None
+        else:
+            entry.derived[key] = TokenWeights.from_weights(window, device)
     return entry.derived[key]
 
 
-def _token_weight(mask: torch.Tensor, num_tokens: int) -> torch.Tensor | None:
+def _mask_window(mask: torch.Tensor, num_tokens: int) -> torch.Tensor | None:
+    """The batch × (num_tokens / batch) part of the mask that the router's tokens come from."""
     batch, length = mask.shape
     if num_tokens == batch * length:
-        return mask.reshape(-1)
+        return mask
     if num_tokens % batch == 0 and num_tokens // batch < length:
-        return mask[:, length - num_tokens // batch :].reshape(-1)
+        return mask[:, length - num_tokens // batch :]
     return None
+
+
+def _token_weight(mask: torch.Tensor, num_tokens: int) -> torch.Tensor | None:
+    window = _mask_window(mask, num_tokens)
+    return None if window is None else window.reshape(-1)
 
 
 def _mask_owner(model: nn.Module, router_path: str) -> nn.Module | None:

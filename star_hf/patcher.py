@@ -41,6 +41,7 @@ _INSTANCE_STATE = (
     "_star_adaptation",
     "_star_skipped_host",
     "_star_skipped_pending",
+    "_star_skip_flags",
     "_star_pending_forwards",
     "_star_pending_limit",
 )

@@ -33,6 +33,9 @@ STAR_BUFFER_NAMES = ("star_basis",)
 
 _nonfinite_warned = False
 
+# Per-forward skip flags of test-time adaptation are summed on device in groups of this many.
+_SKIP_FLAGS_PER_SUM = 64
+
 # Fused optimizers (torch's AdamW(fused=True), the Trainer's default "adamw_torch_fused") update
 # parameters in place without bumping their version counters, so the eval cache of W_eff also keys
 # on a process-wide count of optimizer steps.
@@ -59,6 +62,11 @@ def warn_nonfinite_once(where: str) -> None:
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+@torch.compiler.disable
+def _observe_outside_graph(router: "StarRouterMixin", x: torch.Tensor) -> None:
+    router._star_observe_eager(x)
 
 
 def is_star_router(module: nn.Module) -> bool:
@@ -204,8 +212,10 @@ class StarRouterMixin:
         with _no_autocast(basis.device):
             w_eff = scaled_m @ basis if scaled_w is None else torch.addmm(scaled_w, scaled_m, basis)
             dtype = self._star_weight_dtype()
-            w_eff = w_eff.to(dtype)
-            b_eff = None if b_eff is None else b_eff.to(dtype)
+            if w_eff.dtype != dtype:  # a no-op .to() still costs a dispatch on the per-forward TTA path
+                w_eff = w_eff.to(dtype)
+            if b_eff is not None and b_eff.dtype != dtype:
+                b_eff = b_eff.to(dtype)
         return w_eff, b_eff
 
     def _star_effective(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -242,8 +252,14 @@ class StarRouterMixin:
                     return _float32_to(super().forward(*args, **kwargs), x.dtype)
         return super().forward(*args, **kwargs)
 
-    @torch.compiler.disable
     def _star_observe(self, x: torch.Tensor) -> None:
+        """Feed this forward's router input to GHA: statistics in training, the update in eval (TTA)."""
+        if torch.compiler.is_compiling():
+            _observe_outside_graph(self, x)  # a graph break: in-place state updates stay eager
+        else:
+            self._star_observe_eager(x)  # no torch.compiler.disable wrapper: it costs µs per call
+
+    def _star_observe_eager(self, x: torch.Tensor) -> None:
         # A forward re-run inside backward is gradient-checkpointing recomputation: counting it
         # again would double the tokens of this layer, and "forward" mode would update twice.
         if torch._C._current_graph_task_id() != -1:
@@ -283,9 +299,19 @@ class StarRouterMixin:
             weights = current_token_weights(x.numel() // x.shape[-1], basis.device)
         with _no_autocast(basis.device):
             skipped = guarded_sanger_step_(basis, x, self._star_adaptation.lr, weights)
-        pending = self.__dict__.get("_star_skipped_pending")
+        # The skip flags are summed in batches: adding each to a counter would cost a kernel per forward.
         # Through __dict__: nn.Module.__setattr__ costs as much as a kernel launch here.
-        self.__dict__["_star_skipped_pending"] = skipped.long() if pending is None else pending + skipped
+        flags = self.__dict__.setdefault("_star_skip_flags", [])
+        flags.append(skipped)
+        if len(flags) >= _SKIP_FLAGS_PER_SUM:
+            self._star_sum_skip_flags()
+
+    def _star_sum_skip_flags(self) -> None:
+        flags = self.__dict__.pop("_star_skip_flags", None)
+        if flags:
+            missed = torch.stack(flags).sum()
+            pending = self.__dict__.get("_star_skipped_pending")
+            self.__dict__["_star_skipped_pending"] = missed if pending is None else pending + missed
 
     def _star_token_weight(self, x: torch.Tensor) -> torch.Tensor | None:
         if not self.star_config.mask_padding:
@@ -321,6 +347,7 @@ class StarRouterMixin:
     @property
     def star_skipped_updates(self) -> int:
         """How many GHA updates were skipped because of non-finite inputs (host-synchronising)."""
+        self._star_sum_skip_flags()
         pending = self.__dict__.get("_star_skipped_pending")
         total = self.__dict__.get("_star_skipped_host", 0) + (0 if pending is None else int(pending))
         if total and pending is not None and int(pending):
@@ -346,7 +373,10 @@ class StarRouterMixin:
         if stats is not None and stats.yx.device != moved.device:
             self._star_stats = stats.to(moved.device)
         self.__dict__.pop("_star_cache", None)
-        self.__dict__.pop("_star_skipped_pending", None)
+        self._star_sum_skip_flags()
+        pending = self.__dict__.pop("_star_skipped_pending", None)
+        if pending is not None:  # keep the count across the move
+            self._star_skipped_host = self.__dict__.get("_star_skipped_host", 0) + int(pending)
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]

@@ -308,6 +308,23 @@ def test_non_finite_inputs_skip_the_update_and_are_counted(model, input_ids):
     assert all(not torch.equal(b, before[p]) and torch.isfinite(b).all() for p, b in bases(model).items())
 
 
+def test_skip_counts_survive_many_forwards_and_a_move(model, input_ids, monkeypatch):
+    # Per-forward skip flags are summed in groups on device; none may be lost on the way.
+    poisoned = model.model.embed_tokens.weight.data.clone()
+    poisoned[input_ids[0, 0]] = float("nan")
+    clean = model.model.embed_tokens.weight.data.clone()
+    monkeypatch.setattr(star_hf.router, "_nonfinite_warned", True)  # the warning itself is tested above
+    with star_hf.test_time_adaptation(model, mode="continual"):
+        for i in range(star_hf.router._SKIP_FLAGS_PER_SUM + 6):
+            model.model.embed_tokens.weight.data.copy_(poisoned if i in (3, 65) else clean)
+            model(input_ids)
+        model.model.embed_tokens.weight.data.copy_(clean)
+        model.to(torch.float32)
+        assert [r.star_skipped_updates for r in find_star_routers(model).values()] == [2, 2]
+        model(input_ids)
+    assert [r.star_skipped_updates for r in find_star_routers(model).values()] == [2, 2]
+
+
 def test_recipe_smoke_run_reports_every_domain_and_condition(tmp_path):
     import importlib.util
     import json

@@ -62,6 +62,18 @@ def test_fused_per_forward_step_equals_naive_gha_and_guards_on_device():
     assert torch.equal(got, basis)  # no real token: untouched, and not a non-finite skip
 
 
+def test_unweighted_step_equals_the_weighted_step_when_every_token_is_real():
+    # A host-resident mask without padding takes the unweighted path; a device mask keeps the weights.
+    g = torch.Generator().manual_seed(1)
+    basis = torch.nn.functional.normalize(torch.randn(4, 16, generator=g), dim=-1)
+    x = torch.randn(3, 5, 16, generator=g)
+    weighted, unweighted = basis.clone(), basis.clone()
+    guarded_sanger_step_(weighted, x, 0.1, TokenWeights.from_weights(torch.ones(15)))
+    guarded_sanger_step_(unweighted, x, 0.1)
+    torch.testing.assert_close(unweighted, weighted, rtol=0, atol=1e-6)
+    assert not torch.equal(unweighted, basis)
+
+
 def record_routers(model):
     """Per router: the inputs (pre-hook, before any update) and the logits of every forward."""
     inputs, logits, handles = {}, {}, []

@@ -27,7 +27,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    from star_hf.run_args import recipe_parser
+
+    p = recipe_parser(__doc__)
     p.add_argument("--model-dir", type=Path, help="a local Transformers MoE checkpoint (default: build a tiny Mixtral)")
     p.add_argument("--hidden-size", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
@@ -64,18 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_model(args: argparse.Namespace, vocab_size: int):
     """The stock tiny Mixtral these flags describe (also the model of benchmarks/trainer_overhead.py)."""
-    from star_hf.experiments import tiny_moe
+    from star_hf.run_args import small_model
 
-    return tiny_moe(
-        "mixtral",
-        vocab_size,
-        seed=args.seed,
-        hidden_size=args.hidden_size,
-        num_layers=args.layers,
-        num_experts=args.experts,
-        top_k=args.top_k,
-        max_positions=max(args.seq_len, 64),
-    )
+    return small_model(args, vocab_size)
 
 
 def load_model_and_tokenizer(args: argparse.Namespace):

@@ -45,12 +45,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         add_small_model_arguments,
         add_text_arguments,
         prepare_run,
+        recipe_parser,
         shrink_for_smoke,
     )
 
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = recipe_parser(__doc__)
     add_run_arguments(
         p,
         steps=300,
@@ -77,19 +76,10 @@ def fresh_model(args: argparse.Namespace, vocab_size: int, seed: int):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from star_hf.experiments import tiny_moe
+    from star_hf.run_args import small_model
 
     if args.model_dir is None:
-        return tiny_moe(
-            "mixtral",
-            vocab_size,
-            seed=seed,
-            hidden_size=args.hidden_size,
-            num_layers=args.layers,
-            num_experts=args.experts,
-            top_k=args.top_k,
-            max_positions=max(args.seq_len, 64),
-        )
+        return small_model(args, vocab_size, seed)
     config = AutoConfig.from_pretrained(str(args.model_dir))
     config.output_router_logits = True  # the aux loss on, as in the paper's setting
     torch.manual_seed(seed)

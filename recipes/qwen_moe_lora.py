@@ -47,12 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         add_small_model_arguments,
         add_text_arguments,
         prepare_run,
+        recipe_parser,
         shrink_for_smoke,
     )
 
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = recipe_parser(__doc__)
     add_run_arguments(p, steps=150, batch_size=16, lr=2e-3, seq_len=128, output_dir="runs/qwen_moe_lora")
     add_text_arguments(p, corpus="source", max_chars=400_000)  # the new domain: Python source code
     p.add_argument("--lora-r", type=int, default=8)

@@ -37,11 +37,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from star_hf.run_args import add_run_arguments, add_small_model_arguments, prepare_run, shrink_for_smoke
-
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    from star_hf.run_args import (
+        add_run_arguments,
+        add_small_model_arguments,
+        prepare_run,
+        recipe_parser,
+        shrink_for_smoke,
     )
+
+    p = recipe_parser(__doc__)
     add_run_arguments(p, steps=300, batch_size=16, lr=2e-3, seq_len=128, output_dir="runs/switch_seq2seq")
     p.add_argument("--noise-density", type=float, default=0.15, help="share of tokens masked out")
     p.add_argument("--mean-span-length", type=float, default=3.0, help="mean length of a masked span")
@@ -88,7 +92,12 @@ def stock_model(args: argparse.Namespace, sentinel_ids: list[int]):
 
 def denoising_data(args: argparse.Namespace, tokenizer, sentinel_ids: list[int]):
     """Training examples, held-out batches and the collator of the span-corruption task."""
-    from star_hf.data import PadCollator, load_text_corpus, make_span_corruption_dataset, split_documents
+    from star_hf.data import (
+        PadCollator,
+        load_text_corpus,
+        make_span_corruption_dataset,
+        split_documents,
+    )
 
     train_docs, eval_docs = split_documents(load_text_corpus("docstrings", args.max_chars), 0.05, seed=0)
     options = {"noise_density": args.noise_density, "mean_span_length": args.mean_span_length}
@@ -131,7 +140,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     import star_hf
     from star_hf.data import load_tokenizer
-    from star_hf.experiments import evaluate_seq2seq, export_star_model, logits_of, train_model
+    from star_hf.experiments import (
+        evaluate_seq2seq,
+        export_star_model,
+        logits_of,
+        train_model,
+    )
     from star_hf.io import atomic_directory, write_json
     from star_hf.run_args import trainer_options
 

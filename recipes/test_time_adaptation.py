@@ -45,11 +45,15 @@ DOMAIN_NAMES = {TRAIN_DOMAIN: "prose (train domain)", SHIFTED_DOMAIN: "code (shi
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from star_hf.run_args import add_run_arguments, add_small_model_arguments, prepare_run, shrink_for_smoke
-
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    from star_hf.run_args import (
+        add_run_arguments,
+        add_small_model_arguments,
+        prepare_run,
+        recipe_parser,
+        shrink_for_smoke,
     )
+
+    p = recipe_parser(__doc__)
     add_run_arguments(
         p,
         steps=300,
@@ -170,7 +174,11 @@ def evaluate_condition(model, batches, condition: str, lr: float | None, frozen,
 
     import star_hf
     from star_hf.calibration import principal_basis
-    from star_hf.evaluation import evaluate_causal_lm, routing_fluctuation, subspace_alignment
+    from star_hf.evaluation import (
+        evaluate_causal_lm,
+        routing_fluctuation,
+        subspace_alignment,
+    )
     from star_hf.metrics import load_statistics
 
     trained = _bases(model)

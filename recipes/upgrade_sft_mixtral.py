@@ -45,11 +45,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from star_hf.run_args import add_run_arguments, add_small_model_arguments, prepare_run, shrink_for_smoke
-
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    from star_hf.run_args import (
+        add_run_arguments,
+        add_small_model_arguments,
+        prepare_run,
+        recipe_parser,
+        shrink_for_smoke,
     )
+
+    p = recipe_parser(__doc__)
     add_run_arguments(p, steps=150, batch_size=16, lr=5e-4, seq_len=192, output_dir="runs/upgrade_sft_mixtral")
     p.add_argument("--max-pairs", type=int, default=6000, help="(prompt, response) pairs to read")
     p.add_argument("--eval-every", type=int, default=25, help="held-out evaluation interval (steps)")
@@ -66,7 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def sft_data(args: argparse.Namespace, tokenizer):
     """Training examples, held-out batches and the collator of response-only-loss SFT pairs, and a
     held-out prompt."""
-    from star_hf.data import PadCollator, docstring_pairs, make_sft_dataset, split_documents
+    from star_hf.data import (
+        PadCollator,
+        docstring_pairs,
+        make_sft_dataset,
+        split_documents,
+    )
 
     train_pairs, eval_pairs = split_documents(docstring_pairs(args.max_pairs), eval_fraction=0.05, seed=0)
     train = make_sft_dataset(train_pairs, tokenizer, args.seq_len)
@@ -104,7 +113,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     import star_hf
     from star_hf.data import load_tokenizer
-    from star_hf.experiments import RoutingCurve, export_star_model, logits_of, train_model
+    from star_hf.experiments import (
+        RoutingCurve,
+        export_star_model,
+        logits_of,
+        train_model,
+    )
     from star_hf.io import atomic_directory, write_json
     from star_hf.run_args import base_model, trainer_options
 

@@ -1,11 +1,11 @@
 """Command-line flags shared by the scripts in ``recipes/``, and what they turn into.
 
-Every recipe takes the same run flags (model source, length, optimisation, STAR, output, ``--smoke``)
-from :func:`add_run_arguments`; recipes that train on plain text add :func:`add_text_arguments`, and
+Every recipe builds its parser with :func:`recipe_parser` and takes the same run flags (model source,
+length, optimisation, STAR, output, ``--smoke``) from :func:`add_run_arguments`; recipes that train on plain text add :func:`add_text_arguments`, and
 those that build a small model when no checkpoint is given add :func:`add_small_model_arguments`.
 :func:`prepare_run` checks them, :func:`trainer_options` / :func:`text_options` turn them into the
 keyword arguments of :func:`star_hf.experiments.train_model` / :func:`star_hf.experiments.lm_data`,
-and :func:`base_model` into the model to start from.
+and :func:`base_model` / :func:`small_model` into the model to start from.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ __all__ = [
     "add_text_arguments",
     "base_model",
     "prepare_run",
+    "recipe_parser",
     "shrink_for_smoke",
+    "small_model",
     "text_options",
     "trainer_options",
 ]
@@ -41,6 +43,13 @@ SMOKE = {
     "eval_sequences": 4,
     "eval_every": 2,
 }
+
+
+def recipe_parser(doc: str) -> argparse.ArgumentParser:
+    """An argument parser described by the first paragraph of a recipe's docstring."""
+    return argparse.ArgumentParser(
+        description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
 
 
 def add_run_arguments(
@@ -93,6 +102,23 @@ def add_small_model_arguments(parser: argparse.ArgumentParser, *, pretrain_steps
     group.add_argument("--layers", type=int, default=4)
     group.add_argument("--experts", type=int, default=8)
     return group
+
+
+def small_model(args: argparse.Namespace, vocab_size: int, seed: int | None = None) -> Any:
+    """The small Mixtral of the size flags (``--hidden-size``, ``--layers``, ``--experts``,
+    ``--top-k``), fresh weights drawn under ``seed`` (default ``--seed``)."""
+    from .experiments import tiny_moe
+
+    return tiny_moe(
+        "mixtral",
+        vocab_size,
+        seed=args.seed if seed is None else seed,
+        hidden_size=args.hidden_size,
+        num_layers=args.layers,
+        num_experts=args.experts,
+        top_k=args.top_k,
+        max_positions=max(args.seq_len, 64),
+    )
 
 
 def shrink_for_smoke(args: argparse.Namespace, **overrides: Any) -> None:

@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from .masking import current_token_weight
 from .patcher import find_star_routers
-from .router import StarRouterMixin, _first_input
+from .router import StarRouterMixin, _first_input, interpolation
 from .step import gha_step
 
 __all__ = ["LayerReport", "RoutingMonitor", "RoutingReport", "routing_report"]
@@ -57,6 +57,30 @@ class LayerReport:
     drift: float | None  # ‖B_t − B_{t−1}‖_F of the last monitored update
     drift_mean: float | None  # mean drift over the monitored updates since the last reset
     skipped_updates: int  # GHA updates skipped because of non-finite inputs
+
+    @classmethod
+    def of_tensors(
+        cls,
+        path: str,
+        alpha: torch.Tensor,
+        basis: torch.Tensor,
+        gha_only: bool,
+        skipped_updates: int = 0,
+        **tracked: Any,
+    ) -> "LayerReport":
+        """The report of a router with these α and B; the ``tracked`` load and drift fields default to ``None``."""
+        s = interpolation(alpha, gha_only).cpu()
+        fields = dict.fromkeys(("tokens", "load", "load_cv", "load_entropy", "load_source", "drift", "drift_mean"))
+        return cls(
+            path=path,
+            num_experts=alpha.numel(),
+            num_components=basis.shape[0],
+            interpolation=s.tolist(),
+            interpolation_mean=float(s.mean()),
+            orthonormality_error=orthonormality_error(basis),
+            skipped_updates=skipped_updates,
+            **{**fields, **tracked},
+        )
 
 
 @dataclass
@@ -370,7 +394,6 @@ def _layer_report(
     drift_sum: torch.Tensor | None = None,
     drift_steps: int = 0,
 ) -> LayerReport:
-    s = router.star_interpolation.detach().float().cpu()
     load = cv = entropy = tokens = source = drift = drift_mean = None
     if tracker is not None:
         counts = counts.double().cpu()
@@ -384,21 +407,19 @@ def _layer_report(
             drift = float(tracker.drift)
         if drift_steps:
             drift_mean = float(drift_sum) / drift_steps
-    return LayerReport(
-        path=path,
-        num_experts=router.star_linear_weight.shape[0],
-        num_components=router.star_basis.shape[0],
+    return LayerReport.of_tensors(
+        path,
+        router.star_alpha,
+        router.star_basis,
+        router.star_config.gha_only,
+        router.star_skipped_updates,
         tokens=tokens,
         load=load,
         load_cv=cv,
         load_entropy=entropy,
         load_source=source,
-        interpolation=s.tolist(),
-        interpolation_mean=float(s.mean()),
-        orthonormality_error=orthonormality_error(router.star_basis),
         drift=drift,
         drift_mean=drift_mean,
-        skipped_updates=router.star_skipped_updates,
     )
 
 

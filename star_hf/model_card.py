@@ -149,33 +149,14 @@ def adapter_routing_report(folder: str | os.PathLike):
     Without the base model nothing can run, so the load columns are empty; s and the basis
     orthonormality come from the saved α and B.
     """
-    import torch
-
-    from .metrics import LayerReport, RoutingReport, orthonormality_error
+    from .metrics import LayerReport, RoutingReport
 
     _, star_config, grouped = _read_adapter_folder(folder)
-    rows = []
-    for path, tensors in grouped.items():
-        alpha = tensors["star_alpha"].float()
-        s = torch.zeros_like(alpha) if star_config.gha_only else torch.sigmoid(alpha)
-        rows.append(
-            LayerReport(
-                path=path,
-                num_experts=alpha.numel(),
-                num_components=tensors["star_basis"].shape[0],
-                tokens=None,
-                load=None,
-                load_cv=None,
-                load_entropy=None,
-                load_source=None,
-                interpolation=s.tolist(),
-                interpolation_mean=float(s.mean()),
-                orthonormality_error=orthonormality_error(tensors["star_basis"]),
-                drift=None,
-                drift_mean=None,
-                skipped_updates=0,  # not persisted: a checkpoint loaded by from_pretrained reports 0 too
-            )
-        )
+    # Skipped updates are not persisted: a checkpoint loaded by from_pretrained reports 0 too.
+    rows = [
+        LayerReport.of_tensors(path, t["star_alpha"], t["star_basis"], star_config.gha_only)
+        for path, t in grouped.items()
+    ]
     return star_config.to_dict(), RoutingReport(rows)
 
 

@@ -69,6 +69,13 @@ def _observe_outside_graph(router: "StarRouterMixin", x: torch.Tensor) -> None:
     router._star_observe_eager(x)
 
 
+def interpolation(alpha: torch.Tensor, gha_only: bool) -> torch.Tensor:
+    """s = sigmoid(α) as float32 (zeros for GHA-only routing, which has no linear path)."""
+    if gha_only:
+        return torch.zeros_like(alpha, dtype=torch.float32)
+    return torch.sigmoid(alpha.detach().float())
+
+
 def is_star_router(module: nn.Module) -> bool:
     return isinstance(module, StarRouterMixin)
 
@@ -148,9 +155,7 @@ class StarRouterMixin:
     @property
     def star_interpolation(self) -> torch.Tensor:
         """s = sigmoid(α), the per-expert weight of the original linear path (0 in GHA-only mode)."""
-        if self.star_config.gha_only:
-            return torch.zeros_like(self.star_alpha, dtype=torch.float32)
-        return torch.sigmoid(self.star_alpha.detach().float())
+        return interpolation(self.star_alpha, self.star_config.gha_only)
 
     def _star_weight_dtype(self) -> torch.dtype:
         return torch.float32 if self.star_config.logits_fp32 else self.star_linear_weight.dtype

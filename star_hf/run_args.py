@@ -1,8 +1,9 @@
 """Command-line flags shared by the scripts in ``recipes/``, and what they turn into.
 
 Every recipe builds its parser with :func:`recipe_parser` and takes the same run flags (model source,
-length, optimisation, STAR, output, ``--smoke``) from :func:`add_run_arguments`; recipes that train on plain text add :func:`add_text_arguments`, and
-those that build a small model when no checkpoint is given add :func:`add_small_model_arguments`.
+length, optimisation, STAR, output, ``--smoke``) from :func:`add_run_arguments`; recipes that train
+on plain text add :func:`add_text_arguments`, and those that build a small model when no checkpoint
+is given add :func:`add_small_model_arguments`.
 :func:`prepare_run` checks them, :func:`trainer_options` / :func:`text_options` turn them into the
 keyword arguments of :func:`star_hf.experiments.train_model` / :func:`star_hf.experiments.lm_data`,
 and :func:`base_model` / :func:`small_model` into the model to start from.

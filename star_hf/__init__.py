@@ -13,7 +13,7 @@ from .io import CorruptFileError
 from .integrations import peft as _peft_integration  # noqa: F401
 from .loading import from_pretrained, save_pretrained
 from .metrics import RoutingMonitor, routing_report
-from .patcher import AlreadyPatchedError, NoRouterError, UnsupportedRouterError, find_star_routers, fold, patch_model
+from .patcher import AlreadyPatchedError, BrokenUpstreamError, NoRouterError, UnsupportedRouterError, find_star_routers, fold, patch_model
 from .router import StarRouterMixin, is_star_router
 from .step import gha_step
 
@@ -22,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterMismatchError",
     "AlreadyPatchedError",
+    "BrokenUpstreamError",
     "CorruptFileError",
     "GHAStatistics",
     "HubUploadError",

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from ._generated import gate_host_class_for, star_class_for
-from .architectures import LOGITS_FP32_REFUSED, supported_architectures
+from .architectures import LOGITS_FP32_REFUSED, check_versions, supported_architectures, upstream_failure
 from .checkpoint_layout import attach_checkpoint_layout_hook, detach_checkpoint_layout_hook
 from .config import StarConfig
 from .discovery import RouterSite, UnsupportedRouter, _active_named_modules, scan_routers
@@ -25,6 +25,7 @@ from .router import STAR_BUFFER_NAMES, STAR_PARAMETER_NAMES, StarGateHostMixin, 
 
 __all__ = [
     "AlreadyPatchedError",
+    "BrokenUpstreamError",
     "NoRouterError",
     "UnsupportedRouterError",
     "find_star_routers",
@@ -53,6 +54,10 @@ class NoRouterError(ValueError):
 
 class UnsupportedRouterError(ValueError):
     """A router is not a linear gate, or its architecture is not verified."""
+
+
+class BrokenUpstreamError(UnsupportedRouterError):
+    """The stock model itself fails in the installed Transformers (see ``architectures.UPSTREAM_FAILURES``)."""
 
 
 class AlreadyPatchedError(ValueError):
@@ -103,6 +108,12 @@ def _check_sites(model: nn.Module, config: StarConfig, allow_unverified: bool) -
             f"{type(model).__name__} already has STAR routers (patch_model was called before). "
             "Use the model as it is, or star_hf.fold(model) first to start again from a stock router."
         )
+    import transformers
+
+    for hf_model in _hf_models(model)[:1]:
+        failure = upstream_failure(type(hf_model).__name__, transformers.__version__)
+        if failure is not None and not allow_unverified:
+            raise BrokenUpstreamError(failure.message(transformers.__version__))
     sites, unsupported = scan_routers(model)
     if not sites and not unsupported:
         raise NoRouterError(
@@ -191,12 +202,13 @@ def patch_model(model: nn.Module, config: StarConfig | None = None, *, allow_unv
         model: a Transformers MoE model (causal LM, seq2seq, base model) or a PEFT wrapper of one.
         config: the STAR hyperparameters (default ``StarConfig()``: preserve init, per-step GHA).
         allow_unverified: also patch router classes outside :func:`star_hf.supported_architectures`
-            whose gate is linear.
+            whose gate is linear, and model classes broken upstream in the installed Transformers.
 
     Returns:
         The same model object, patched in place. With ``init="preserve"`` its outputs equal the
         original's (float32 round-off).
     """
+    check_versions()
     config = StarConfig() if config is None else config
     config.validate()
     sites = _check_sites(model, config, allow_unverified)

@@ -9,6 +9,8 @@ one process would compute on the global batch.
 from __future__ import annotations
 
 import math
+import warnings
+import weakref
 from collections import defaultdict
 from typing import Callable
 
@@ -41,6 +43,36 @@ def register_pending_statistics_listener(listener: Callable[[nn.Module], float])
 def pending_statistics_limit(router: nn.Module) -> float:
     """The next pending-forward count at which ``router`` should ask the listeners again."""
     return min((listener(router) for listener in list(_pending_listeners)), default=math.inf)
+
+
+# Routers already warned about by ``gha_step`` for having collected nothing: the warning is said once.
+_warned_idle: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def _warn_if_idle(routers: list[nn.Module]) -> None:
+    """One warning when every per-step router reached ``gha_step`` without statistics.
+
+    The usual cause is a model left in eval mode (``from_pretrained`` returns one): its forwards
+    collect nothing, so every ``gha_step`` returns 0 and the bases never move.
+    """
+    per_step = [r for r in routers if r.star_config.update == "step"]
+    if not per_step or any(r.star_pending_statistics is not None for r in per_step):
+        return
+    if all(r in _warned_idle for r in per_step):
+        return
+    _warned_idle.update(per_step)
+    in_eval = not any(r.training for r in per_step)
+    cause = (
+        "the model is in eval mode (from_pretrained returns models in eval mode): call model.train() before training"
+        if in_eval
+        else "no training forward ran since the last step: call gha_step once per optimizer step, after the forwards"
+    )
+    warnings.warn(
+        f"star_hf.gha_step: none of the {len(per_step)} STAR routers collected GHA statistics since the last step, "
+        f"so no basis moves; {cause}. Routers collect statistics in training-mode forwards only.",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def _distributed() -> bool:
@@ -94,6 +126,7 @@ def gha_step(model: nn.Module, lr: float | None = None) -> int:
     from .patcher import find_star_routers
 
     routers = list(find_star_routers(model).values())
+    _warn_if_idle(routers)
     stats = []
     for router in routers:
         pending = router.star_pending_statistics

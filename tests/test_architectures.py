@@ -32,8 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from star_hf import StarConfig, UnsupportedRouterError, find_star_routers, patch_model
-from star_hf.architectures import VERIFIED_ROUTERS
+from star_hf import BrokenUpstreamError, StarConfig, UnsupportedRouterError, find_star_routers, patch_model
+from star_hf.architectures import VERIFIED_ROUTERS, upstream_failure
 from star_hf.discovery import scan_routers
 
 from .conftest import COMMON, tiny_mixtral, tiny_qwen2_moe, tiny_switch
@@ -165,12 +165,6 @@ def _routed_columns(calls: list[tuple[nn.Module, torch.Tensor]], inputs: dict) -
 def _scaled_logits(calls: list[tuple[nn.Module, torch.Tensor]], inputs: dict) -> list[torch.Tensor]:
     # MuSpark records its logits times a constant output multiplier.
     return [z * router.output_multiplier for router, z in calls]
-
-
-def _attention_router_twice(calls: list[tuple[nn.Module, torch.Tensor]], inputs: dict) -> list[torch.Tensor]:
-    # JetMoE records its mixture-of-attention router's logits twice per layer (from the router and
-    # from the attention block returning them), then the MoE router's; each layer calls MoA first.
-    return [z for (_, moa), (_, moe) in zip(calls[0::2], calls[1::2]) for z in (moa, moa, moe)]
 
 
 def _vision_tokens(input_ids: torch.Tensor) -> dict:
@@ -1022,7 +1016,6 @@ CASES: dict[str, Case] = {
         _lm("JetMoeConfig", "JetMoeForCausalLM", **C, **MOE, num_local_experts=4, kv_channels=8),
         ("JetMoeTopKGating",),
         4,  # per layer: the mixture-of-attention router and the MoE router
-        recorded=_attention_router_twice,
     ),
     "hunyuan_v1_moe": Case(
         _lm("HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM", **C, head_dim=8, num_experts=4, moe_topk=2),
@@ -1215,6 +1208,52 @@ def _release_builds():
 NAMES = sorted(CASES)
 
 
+def _broken_upstream(name: str) -> bool:
+    """True when this case's stock model is known to fail in the installed Transformers — after
+    checking, here, that the stock model fails with exactly that error, that ``patch_model`` refuses
+    it naming the failure, and that a patch forced with ``allow_unverified`` fails identically."""
+    case = CASES[name]
+    failure = upstream_failure(type(_original(name)).__name__)
+    if failure is None:
+        return False
+
+    def forward_error(model: nn.Module) -> str:
+        with torch.no_grad(), pytest.raises(Exception) as err:
+            model(**_inputs(case))
+        return f"{type(err.value).__name__}: {err.value}"
+
+    assert forward_error(_fresh(name)) == failure.error
+    model = _fresh(name)
+    before = _state(model)
+    with pytest.raises(BrokenUpstreamError, match=re.escape(failure.error)):
+        patch_model(model, StarConfig(**case.star_config))
+    state, types = _state(model)
+    assert types == before[1] and all(torch.equal(state[k], v) for k, v in before[0].items())
+    forced = patch_model(model, StarConfig(**case.star_config), allow_unverified=True)
+    assert find_star_routers(forced) and forward_error(forced) == failure.error
+    return True
+
+
+def _assert_recorded_in_order(expected: list[torch.Tensor], recorded: list[torch.Tensor]) -> None:
+    """``recorded`` is ``expected`` in call order, where Transformers may record one call's logits
+    more than once in a row (how often is Transformers' choice: JetMoE 5.23 records its attention
+    router twice per layer, 5.24 once)."""
+
+    def same(z: torch.Tensor, rec: torch.Tensor) -> bool:
+        return z.numel() == rec.numel() and torch.allclose(z.float(), rec.reshape(z.shape).float(), rtol=1e-5, atol=1e-5)
+
+    position = -1
+    for rec in recorded:
+        if position >= 0 and same(expected[position], rec):
+            continue
+        position += 1
+        assert position < len(expected), "more recorded router logits than router calls"
+        torch.testing.assert_close(
+            expected[position].float(), rec.reshape(expected[position].shape).float(), rtol=1e-5, atol=1e-5
+        )
+    assert position == len(expected) - 1, f"{len(expected) - 1 - position} router calls were not recorded"
+
+
 def test_every_verified_router_class_has_a_case():
     covered = {cls: case.model_type or name for name, case in CASES.items() for cls in case.router_classes}
     assert covered == VERIFIED_ROUTERS
@@ -1231,6 +1270,8 @@ def test_readme_lists_exactly_the_verified_routers():
 @pytest.mark.parametrize("name", NAMES)
 def test_patch_changes_only_the_gates(name):
     case = CASES[name]
+    if _broken_upstream(name):
+        return
     patched = _patched(name)
     routers = find_star_routers(patched)
     sites = [s for s in scan_routers(_original(name))[0] if StarConfig(**case.star_config).selects(s.path)]
@@ -1262,6 +1303,8 @@ def test_patch_changes_only_the_gates(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_backward_reaches_star_parameters_and_statistics_are_collected(name):
     case = CASES[name]
+    if _broken_upstream(name):
+        return
     model = _patched(name).train()
     out = model(**_inputs(case))
     loss = out.loss if case.lm else out.last_hidden_state.float().square().mean()
@@ -1283,6 +1326,8 @@ def test_backward_reaches_star_parameters_and_statistics_are_collected(name):
 def test_router_observes_the_input_its_gate_multiplies(name):
     """In a training forward, F.linear(observed x, W_eff, b_eff) is what Transformers records."""
     case = CASES[name]
+    if _broken_upstream(name):
+        return
     model = _patched(name).train()
     calls: list[tuple[nn.Module, torch.Tensor]] = []
     for router in find_star_routers(model).values():
@@ -1292,16 +1337,16 @@ def test_router_observes_the_input_its_gate_multiplies(name):
         out = model(**kwargs)
         logits = [(r, F.linear(x.reshape(-1, x.shape[-1]), r.weight, r.bias)) for r, x in calls]
     expected = (case.recorded or (lambda c, _: [z for _, z in c]))(logits, kwargs)
-    recorded = _recorded_logits(case, out)
-    assert len(calls) >= case.num_routers and len(expected) == len(recorded) > 0
-    for z, rec in zip(expected, recorded):
-        torch.testing.assert_close(z.float(), rec.reshape(z.shape).float(), rtol=1e-5, atol=1e-5)
+    assert len(calls) >= case.num_routers
+    _assert_recorded_in_order(expected, _recorded_logits(case, out))
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_patch_after_output_hooks_were_installed(name):
     """Transformers installs its output-recording hooks lazily, on module objects."""
     case = CASES[name]
+    if _broken_upstream(name):
+        return
     model = _fresh(name)
     kwargs = _inputs(case)
     with torch.no_grad():
@@ -1424,6 +1469,8 @@ def test_gate_kept_in_float32_gives_float32_star_parameters_in_a_bf16_model(name
 )
 def test_logits_fp32_in_a_bf16_model(name, logits_dtype):
     case = CASES[name]
+    if _broken_upstream(name):
+        return
     model = patch_model(_fresh(name).to(torch.bfloat16), StarConfig(logits_fp32=True, **case.star_config))
     for router in find_star_routers(model).values():
         assert router.star_linear_weight.dtype == torch.bfloat16 and router.weight.dtype == torch.float32

@@ -420,7 +420,26 @@ def test_models_without_star_routers_are_left_to_peft():
 
 
 def test_transformers_add_adapter_keeps_routers_trainable():
+    """Transformers' ``model.add_adapter`` needs the PEFT release it names (``MIN_PEFT_VERSION``;
+    0.22 on Transformers 5.24, which is not released yet). With an older PEFT it refuses the stock
+    model and the patched one with the same error, and the patched model stays as it was."""
+    import peft
+    from packaging.version import Version
+    from transformers.integrations.peft import MIN_PEFT_VERSION
+
     model = patched("mixtral")
+    if Version(peft.__version__) < Version(MIN_PEFT_VERSION):
+        with pytest.raises(ValueError) as stock_error:
+            tiny_mixtral().add_adapter(LoraConfig(r=2, target_modules=["q_proj"]))
+        assert MIN_PEFT_VERSION in str(stock_error.value)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError) as error:
+            model.add_adapter(LoraConfig(r=2, target_modules=["q_proj"]))
+        assert str(error.value) == str(stock_error.value)
+        assert not getattr(model, "_hf_peft_config_loaded", False)
+        assert model.state_dict().keys() == before.keys()
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        return
     model.add_adapter(LoraConfig(r=2, target_modules=["q_proj"]))
     assert model.peft_config["default"].modules_to_save == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
     routers = find_star_routers(model)

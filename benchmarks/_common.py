@@ -1,6 +1,6 @@
 """Helpers shared by the benchmarks: common flags, atomic JSON results, seed aggregation (mean ±
 sample std, paired differences), markdown tables, PNG curves with seed bands, and the tiny-LM data,
-model and Trainer plumbing of tiny_lm.py and upgrade.py (thin wrappers over star_hf.experiments)."""
+model and Trainer plumbing of tiny_lm.py and upgrade.py (thin wrappers over star_hf.experiments.runs)."""
 
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def plot_panels(path: Path, panels: Sequence[dict[str, Any]], title: str) -> Pat
     """One PNG with a row of panels; each panel draws, per label, the mean curve over seeds and a
     ± std band. ``panels``: dicts with ``title``, ``ylabel``, ``curves`` ({label: (steps, [per-seed
     value lists])}) and optional ``logy``. A label keeps its colour across panels."""
-    from star_hf.plotting import pyplot, save_figure
+    from star_hf.experiments.plotting import pyplot, save_figure
 
     plt = pyplot()
     labels = list(dict.fromkeys(label for panel in panels for label in panel["curves"]))
@@ -143,8 +143,8 @@ def plot_panels(path: Path, panels: Sequence[dict[str, Any]], title: str) -> Pat
 
 # ----------------------------------------------------------------------------- tiny causal LMs
 def tiny_mixtral(args: argparse.Namespace, vocab_size: int, seed: int):
-    """:func:`star_hf.experiments.tiny_moe` (Mixtral) with the model flags of :func:`add_model_args`."""
-    from star_hf.experiments import tiny_moe
+    """:func:`star_hf.experiments.runs.tiny_moe` (Mixtral) with the model flags of :func:`add_model_args`."""
+    from star_hf.experiments.runs import tiny_moe
 
     return tiny_moe(
         "mixtral",
@@ -171,9 +171,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def train_lm(model, train_dataset, curve, args: argparse.Namespace, seed: int, star: bool) -> dict[str, Any]:
-    """:func:`star_hf.experiments.train_model` with the training flags of the LM benchmarks: the
+    """:func:`star_hf.experiments.runs.train_model` with the training flags of the LM benchmarks: the
     same optimizer, schedule and data order (fixed by ``seed``) for every variant of one seed."""
-    from star_hf.experiments import train_model
+    from star_hf.experiments.runs import train_model
 
     return train_model(
         model,
@@ -190,7 +190,7 @@ def train_lm(model, train_dataset, curve, args: argparse.Namespace, seed: int, s
 
 # ----------------------------------------------------------------------------- text data
 def add_data_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--corpus", default="docstrings", help="a star_hf.data corpus: docstrings, source, shakespeare")
+    parser.add_argument("--corpus", default="docstrings", help="a star_hf.experiments.data corpus: docstrings, source, shakespeare")
     parser.add_argument("--max-chars", type=int, default=1_500_000, help="characters of the corpus to use")
     parser.add_argument(
         "--val-sequences", type=int, default=64, help="held-out sequences (also the fluctuation probes)"
@@ -244,10 +244,10 @@ def lm_final_metrics(curve) -> dict[str, float]:
 
 
 def basis_mean_diagnostics(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """:func:`star_hf.evaluation.mean_direction` of every STAR router on ``batches``, averaged over
+    """:func:`star_hf.experiments.evaluation.mean_direction` of every STAR router on ``batches``, averaged over
     layers (empty for a stock model)."""
     import star_hf
-    from star_hf.evaluation import evaluate_causal_lm, mean_direction
+    from star_hf.experiments.evaluation import evaluate_causal_lm, mean_direction
 
     routers = star_hf.find_star_routers(model)
     if not routers:
@@ -337,10 +337,10 @@ def plot_lm(runs: dict[str, list[dict[str, Any]]], path: Path, title: str, basel
 
 
 def lm_data(args: argparse.Namespace, corpus: str | None = None) -> LMData:
-    """:func:`star_hf.experiments.lm_data` of a corpus (default ``--corpus``) in ``--seq-len`` byte
+    """:func:`star_hf.experiments.runs.lm_data` of a corpus (default ``--corpus``) in ``--seq-len`` byte
     blocks, 5 % of its documents held out, ``--val-sequences`` of those blocks as validation batches."""
-    from star_hf.data import ByteTokenizer
-    from star_hf.experiments import lm_data as split
+    from star_hf.experiments.data import ByteTokenizer
+    from star_hf.experiments.runs import lm_data as split
 
     corpus = corpus or args.corpus
     tokenizer = ByteTokenizer()

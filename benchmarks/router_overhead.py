@@ -5,7 +5,7 @@ Part 1 — a Mixtral-shaped MoE block (hidden 1024, intermediate 3584, 8 experts
     and forward in eval mode (STAR: cached effective weight), original router vs STAR router.
     Runs are interleaved (A B A B ...) and the median of per-pair ratios is reported.
 Part 2 — one GHA update at N=32768, D=1024, R=8: time and peak extra memory of the statistics form
-    (star_hf.gha) against the reference's materialising form (an N×R×D cumulative sum). Each method runs
+    (star_hf.gha.sanger) against the reference's materialising form (an N×R×D cumulative sum). Each method runs
     in a fresh subprocess so that peak-memory figures are not polluted by the other.
 
 Usage:
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -155,7 +154,7 @@ def naive_materialising_update(x: torch.Tensor, basis: torch.Tensor, lr: float) 
 
 
 def statistics_update(x: torch.Tensor, basis: torch.Tensor, lr: float) -> torch.Tensor:
-    from star_hf.gha import GHAStatistics, sanger_update
+    from star_hf.gha.sanger import GHAStatistics, sanger_update
 
     return sanger_update(basis, GHAStatistics.from_inputs(x, basis), lr)
 

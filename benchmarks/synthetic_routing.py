@@ -121,7 +121,11 @@ def build_block(args: argparse.Namespace, seed: int) -> torch.nn.Module:
 
 
 def _evaluate(block, gates, x, y, clusters, args) -> dict:
-    from star_hf.evaluation import normalized_mutual_info, record_router_logits, top1_experts
+    from star_hf.experiments.evaluation import (
+        normalized_mutual_info,
+        record_router_logits,
+        top1_experts,
+    )
 
     block.eval()
     with torch.no_grad(), record_router_logits(gates) as recorded:
@@ -140,7 +144,7 @@ def _evaluate(block, gates, x, y, clusters, args) -> dict:
 
 
 def _load_balance(counts: torch.Tensor) -> dict[str, float]:
-    from star_hf.metrics import load_statistics
+    from star_hf.training.metrics import load_statistics
 
     cv, entropy = load_statistics(counts)
     return {"load_cv": cv, "load_entropy": entropy}
@@ -151,7 +155,7 @@ def train_variant(base_block, task: Task, args: argparse.Namespace, seed: int, v
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
     import star_hf
-    from star_hf.evaluation import (
+    from star_hf.experiments.evaluation import (
         gate_modules,
         principal_subspace,
         record_router_logits,

@@ -1,7 +1,7 @@
 """Tiny Mixtral-style LM on real text: linear router vs STAR, everything else equal.
 
 A small ``MixtralForCausalLM`` (built from a config, byte-level vocabulary) is trained from scratch
-on English text that ships with Python (the standard library's docstrings, via ``star_hf.data``).
+on English text that ships with Python (the standard library's docstrings, via ``star_hf.experiments.data``).
 For each seed the baseline and the STAR variants start from the same initial weights and see the
 same batches in the same order, with the same optimizer and schedule, through the Transformers
 ``Trainer`` (the product path; STAR adds ``star_hf.StarCallback()``). Paper setting: Mixtral's aux
@@ -36,7 +36,7 @@ NAME = "tiny_lm"
 
 
 def run(args: argparse.Namespace) -> dict:
-    from star_hf.experiments import RoutingCurve
+    from star_hf.experiments.runs import RoutingCurve
 
     data = _common.lm_data(args)
     runs: dict[str, list[dict]] = {v.name: [] for v in _common.variants(args.gha_lrs)}

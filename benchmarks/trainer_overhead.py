@@ -99,7 +99,11 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers.utils import logging as hf_logging
 
     import star_hf
-    from star_hf.data import ByteTokenizer, load_text_corpus, make_lm_dataset
+    from star_hf.experiments.data import (
+        ByteTokenizer,
+        load_text_corpus,
+        make_lm_dataset,
+    )
 
     hf_logging.set_verbosity_error()
     torch.set_num_threads(args.threads)

@@ -41,8 +41,9 @@ CONFIGS = {
 
 
 def build_model(name: str, device: str, dtype: torch.dtype):
-    import star_hf
     from transformers import MixtralConfig, MixtralForCausalLM
+
+    import star_hf
 
     torch.manual_seed(0)
     cfg = MixtralConfig(**CONFIGS[name], max_position_embeddings=1024)
@@ -74,6 +75,8 @@ def _generate_seconds(model, ids, mask, new_tokens: int, adapt: bool) -> tuple[f
 
 
 def bench_config(name: str, args) -> dict:
+    import star_hf
+
     model = build_model(name, args.device, getattr(torch, args.dtype))
     g = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
@@ -92,7 +95,7 @@ def bench_config(name: str, args) -> dict:
     # CPU time of the process: less sensitive than wall time to other load on a shared machine.
     cpu_ratios = [a[1] / p[1] for p, a in zip(runs[False], runs[True])]
     result = {
-        "config": {**CONFIGS[name], "routers": len(model.config.star_config["patched_modules"])},
+        "config": {**CONFIGS[name], "routers": len(star_hf.find_star_routers(model))},
         "plain_tokens_per_s": tokens / statistics.median(plain),
         "adapted_tokens_per_s": tokens / statistics.median(adapted),
         "overhead_pct": 100 * (statistics.median(ratios) - 1),

@@ -44,7 +44,7 @@ STEP0_TOLERANCE = 1e-5
 
 def pretrain(args: argparse.Namespace, data: _common.LMData, directory: Path) -> dict:
     """Train the stock tiny model for ``--pretrain-steps`` and save it to ``directory``."""
-    from star_hf.experiments import RoutingCurve
+    from star_hf.experiments.runs import RoutingCurve
 
     model = _common.tiny_mixtral(args, data.vocab_size, args.pretrain_seed)
     curve = RoutingCurve(data.val_batches)
@@ -79,7 +79,7 @@ def step0_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torc
 
 
 def run(args: argparse.Namespace) -> dict:
-    from star_hf.experiments import RoutingCurve
+    from star_hf.experiments.runs import RoutingCurve
 
     data = _common.lm_data(args)
     after = data if args.continue_corpus in (None, args.corpus) else _common.lm_data(args, args.continue_corpus)

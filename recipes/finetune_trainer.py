@@ -24,10 +24,11 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # recipes/_recipe_args.py
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from star_hf.run_args import recipe_parser
+    from _recipe_args import recipe_parser
 
     p = recipe_parser(__doc__)
     p.add_argument("--model-dir", type=Path, help="a local Transformers MoE checkpoint (default: build a tiny Mixtral)")
@@ -35,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--corpus", default="docstrings", help="docstrings | source | shakespeare (see star_hf.data)")
+    p.add_argument("--corpus", default="docstrings", help="docstrings | source | shakespeare (see star_hf.experiments.data)")
     p.add_argument("--max-chars", type=int, default=400_000, help="characters of text to read")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
@@ -66,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_model(args: argparse.Namespace, vocab_size: int):
     """The stock tiny Mixtral these flags describe (also the model of benchmarks/trainer_overhead.py)."""
-    from star_hf.run_args import small_model
+    from _recipe_args import small_model
 
     return small_model(args, vocab_size)
 
@@ -74,8 +75,8 @@ def build_model(args: argparse.Namespace, vocab_size: int):
 def load_model_and_tokenizer(args: argparse.Namespace):
     """(patched model, tokenizer): a tiny Mixtral + ByteTokenizer, or the local checkpoint's own."""
     import star_hf
-    from star_hf.data import load_tokenizer
-    from star_hf.experiments import load_checkpoint
+    from star_hf.experiments.data import load_tokenizer
+    from star_hf.experiments.runs import load_checkpoint
 
     star_config = star_hf.StarConfig(gha_lr=args.gha_lr, seed=args.seed)
     tokenizer = load_tokenizer(args.model_dir)
@@ -93,7 +94,7 @@ def load_model_and_tokenizer(args: argparse.Namespace):
 
 
 def held_out_loss(model, dataset, batch_size: int) -> float:
-    from star_hf.evaluation import evaluate_causal_lm
+    from star_hf.experiments.evaluation import evaluate_causal_lm
 
     return evaluate_causal_lm(model, [{"input_ids": ids} for ids in dataset.sequences.split(batch_size)]).loss
 
@@ -104,7 +105,11 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import Trainer, TrainingArguments
 
     import star_hf
-    from star_hf.data import load_text_corpus, make_lm_dataset, split_documents
+    from star_hf.experiments.data import (
+        load_text_corpus,
+        make_lm_dataset,
+        split_documents,
+    )
 
     model, tokenizer = load_model_and_tokenizer(args)
     train_docs, eval_docs = split_documents(load_text_corpus(args.corpus, args.max_chars), 0.05, seed=args.seed)

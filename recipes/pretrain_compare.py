@@ -11,7 +11,7 @@ how well each basis spans the top principal subspace of its router's inputs.
 
 Results go to ``--output-dir``: ``results.json`` (every point of every curve), ``table.md`` and
 ``curves.png``. ``benchmarks/tiny_lm.py`` runs the same experiment (3 seeds, several GHA learning
-rates) for the figures in benchmarks/README.md; both build on ``star_hf.experiments``.
+rates) for the figures in benchmarks/README.md; both build on ``star_hf.experiments.runs``.
 
     python recipes/pretrain_compare.py                    # one seed, a few minutes on 2 CPU cores
     python recipes/pretrain_compare.py --seeds 3 --gha-lr 1e-3
@@ -34,13 +34,14 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # recipes/_recipe_args.py
 
 VARIANTS = ("linear", "star")
 FIGURES = ("val_loss", "val_ppl", "load_cv", "load_entropy", "fluctuation", "s", "alignment")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from star_hf.run_args import (
+    from _recipe_args import (
         add_run_arguments,
         add_small_model_arguments,
         add_text_arguments,
@@ -74,9 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def fresh_model(args: argparse.Namespace, vocab_size: int, seed: int):
     """A newly initialised model: the architecture of ``--model-dir``, or a small Mixtral."""
     import torch
+    from _recipe_args import small_model
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from star_hf.run_args import small_model
 
     if args.model_dir is None:
         return small_model(args, vocab_size, seed)
@@ -114,7 +114,7 @@ def table(runs: dict[str, list[dict]]) -> str:
 
 def plot(runs: dict[str, list[dict]], path: Path) -> None:
     """Mean curves over seeds: held-out loss, routing fluctuation, load CV, interpolation s."""
-    from star_hf.plotting import plot_curves
+    from star_hf.experiments.plotting import plot_curves
 
     panels = []
     for key, title in (
@@ -135,11 +135,12 @@ def plot(runs: dict[str, list[dict]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    from _recipe_args import text_options, trainer_options
+
     import star_hf
-    from star_hf.data import ByteTokenizer
-    from star_hf.experiments import RoutingCurve, lm_data, train_model
-    from star_hf.io import atomic_directory, write_json
-    from star_hf.run_args import text_options, trainer_options
+    from star_hf.experiments.data import ByteTokenizer
+    from star_hf.experiments.runs import RoutingCurve, lm_data, train_model
+    from star_hf.persistence.io import atomic_directory, write_json
 
     tokenizer = ByteTokenizer()
     train, eval_batches = lm_data(tokenizer, **text_options(args))

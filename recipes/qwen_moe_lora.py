@@ -34,15 +34,17 @@ import argparse
 import copy
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # recipes/_recipe_args.py
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 EXPERTS = ["gate_up_proj", "down_proj"]  # Transformers 5 fuses the experts into 3-D parameters
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from star_hf.run_args import (
+    from _recipe_args import (
         add_run_arguments,
         add_small_model_arguments,
         add_text_arguments,
@@ -69,8 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def base_loader(args: argparse.Namespace, tokenizer):
     """A function returning a fresh copy of the stock base model (reloaded, or copied from memory)."""
-    from star_hf.experiments import load_checkpoint
-    from star_hf.run_args import base_model
+    from _recipe_args import base_model
+
+    from star_hf.experiments.runs import load_checkpoint
 
     if args.model_dir is not None:
         return lambda: load_checkpoint(args.model_dir, dtype=args.dtype, tokenizer=tokenizer)
@@ -103,14 +106,14 @@ def router_differences(a, b) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    from _recipe_args import text_options, trainer_options
     from peft import PeftModel, get_peft_model
     from transformers.utils import logging as hf_logging
 
     import star_hf
-    from star_hf.data import load_tokenizer
-    from star_hf.experiments import RoutingCurve, lm_data, logits_of, train_model
-    from star_hf.io import atomic_directory, write_json
-    from star_hf.run_args import text_options, trainer_options
+    from star_hf.experiments.data import load_tokenizer
+    from star_hf.experiments.runs import RoutingCurve, lm_data, logits_of, train_model
+    from star_hf.persistence.io import atomic_directory, write_json
 
     hf_logging.disable_progress_bar()
     tokenizer = load_tokenizer(args.model_dir)

@@ -3,7 +3,7 @@
 What it shows: STAR on an encoder-decoder. Switch Transformers routes with a ``classifier`` gate in
 the sparse layers of both stacks; star_hf patches all of them. The task is a real text-to-text task
 built from text on the machine — the span corruption T5 and Switch were pretrained with
-(``star_hf.data.make_span_corruption_dataset``): about 15 % of the tokens of each block of the
+(``star_hf.experiments.data.make_span_corruption_dataset``): about 15 % of the tokens of each block of the
 standard library's docstrings, in spans of mean length 3, are replaced by sentinel tokens in the
 input, and the model writes the missing spans after their sentinels. Training uses
 ``transformers.Trainer`` with ``star_hf.StarCallback()`` (the routers' load-balancing and z losses on);
@@ -32,12 +32,14 @@ import argparse
 import os
 import statistics
 import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # recipes/_recipe_args.py
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from star_hf.run_args import (
+    from _recipe_args import (
         add_run_arguments,
         add_small_model_arguments,
         prepare_run,
@@ -72,7 +74,7 @@ def sentinels(tokenizer, count: int) -> list[int]:
 
 def stock_model(args: argparse.Namespace, sentinel_ids: list[int]):
     """The checkpoint of ``--model-dir``, or a small Switch model with room for the sentinel ids."""
-    from star_hf.experiments import load_checkpoint, tiny_moe
+    from star_hf.experiments.runs import load_checkpoint, tiny_moe
 
     if args.model_dir is not None:
         model = load_checkpoint(args.model_dir, dtype=args.dtype)
@@ -92,7 +94,7 @@ def stock_model(args: argparse.Namespace, sentinel_ids: list[int]):
 
 def denoising_data(args: argparse.Namespace, tokenizer, sentinel_ids: list[int]):
     """Training examples, held-out batches and the collator of the span-corruption task."""
-    from star_hf.data import (
+    from star_hf.experiments.data import (
         PadCollator,
         load_text_corpus,
         make_span_corruption_dataset,
@@ -118,7 +120,7 @@ def denoising_data(args: argparse.Namespace, tokenizer, sentinel_ids: list[int])
 
 def routing_rows(evaluation) -> list[dict]:
     """Per router: stack, top-1 load CV and normalised entropy on the held-out tokens."""
-    from star_hf.metrics import load_statistics
+    from star_hf.training.metrics import load_statistics
 
     rows = []
     for path, load in evaluation.load.items():
@@ -136,18 +138,18 @@ def routing_rows(evaluation) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    from _recipe_args import trainer_options
     from transformers.utils import logging as hf_logging
 
     import star_hf
-    from star_hf.data import load_tokenizer
-    from star_hf.experiments import (
+    from star_hf.experiments.data import load_tokenizer
+    from star_hf.experiments.runs import (
         evaluate_seq2seq,
         export_star_model,
         logits_of,
         train_model,
     )
-    from star_hf.io import atomic_directory, write_json
-    from star_hf.run_args import trainer_options
+    from star_hf.persistence.io import atomic_directory, write_json
 
     hf_logging.disable_progress_bar()
     tokenizer = load_tokenizer(args.model_dir)

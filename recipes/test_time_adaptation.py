@@ -39,13 +39,14 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # recipes/_recipe_args.py
 
 TRAIN_DOMAIN, SHIFTED_DOMAIN = "docstrings", "source"
 DOMAIN_NAMES = {TRAIN_DOMAIN: "prose (train domain)", SHIFTED_DOMAIN: "code (shifted)"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from star_hf.run_args import (
+    from _recipe_args import (
         add_run_arguments,
         add_small_model_arguments,
         prepare_run,
@@ -87,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------- data and model
 def load_tokenizer(args: argparse.Namespace):
     """The checkpoint's tokenizer where ``--model-dir`` has one, else star_hf's byte tokenizer."""
-    from star_hf.data import ByteTokenizer
+    from star_hf.experiments.data import ByteTokenizer
 
     files = ("tokenizer.json", "tokenizer_config.json")
     if args.model_dir is not None and any((args.model_dir / f).is_file() for f in files):
@@ -99,7 +100,7 @@ def load_tokenizer(args: argparse.Namespace):
 
 def load_domains(args: argparse.Namespace, tokenizer) -> dict:
     """Training blocks of the prose domain and held-out batches of both domains."""
-    from star_hf.experiments import lm_data
+    from star_hf.experiments.runs import lm_data
 
     data = {"eval": {}}
     for corpus in (TRAIN_DOMAIN, SHIFTED_DOMAIN):
@@ -126,10 +127,10 @@ def _is_star_checkpoint(model_dir: Path) -> bool:
 def trained_model(args: argparse.Namespace, tokenizer, train, seed: int):
     """(patched model in eval mode, record): trained on prose here, or a STAR checkpoint as it is."""
     import torch
+    from _recipe_args import trainer_options
 
     import star_hf
-    from star_hf.experiments import load_checkpoint, tiny_moe, train_model
-    from star_hf.run_args import trainer_options
+    from star_hf.experiments.runs import load_checkpoint, tiny_moe, train_model
 
     if args.model_dir is not None and _is_star_checkpoint(args.model_dir):
         model = star_hf.from_pretrained(args.model_dir, dtype=getattr(torch, args.dtype))
@@ -173,13 +174,13 @@ def evaluate_condition(model, batches, condition: str, lr: float | None, frozen,
     import torch
 
     import star_hf
-    from star_hf.calibration import principal_basis
-    from star_hf.evaluation import (
+    from star_hf.experiments.evaluation import (
         evaluate_causal_lm,
         routing_fluctuation,
         subspace_alignment,
     )
-    from star_hf.metrics import load_statistics
+    from star_hf.training.calibration import principal_basis
+    from star_hf.training.metrics import load_statistics
 
     trained = _bases(model)
     if condition == "frozen":
@@ -207,7 +208,7 @@ def evaluate_condition(model, batches, condition: str, lr: float | None, frozen,
 
 def evaluate_model(model, data: dict, tta_lrs: list[float]) -> dict:
     """Every (domain, condition) of one trained model."""
-    from star_hf.evaluation import evaluate_causal_lm
+    from star_hf.experiments.evaluation import evaluate_causal_lm
 
     out = {}
     for corpus, batches in data["eval"].items():
@@ -260,7 +261,7 @@ def markdown_table(summary: dict, seeds: int) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    from star_hf.io import atomic_directory, write_json
+    from star_hf.persistence.io import atomic_directory, write_json
 
     tokenizer = load_tokenizer(args)
     data = load_domains(args, tokenizer)

@@ -9,13 +9,13 @@ What it shows, in order:
    ``star_hf.calibrate`` warm start of the bases on the SFT inputs; the outputs are checked to be
    unchanged (max |Δ logit| printed);
 3. supervised fine-tuning with ``transformers.Trainer`` and ``star_hf.StarCallback()``; the loss is
-   on the response tokens only (prompt tokens carry label -100, see ``star_hf.data.make_sft_dataset``);
+   on the response tokens only (prompt tokens carry label -100, see ``star_hf.experiments.data.make_sft_dataset``);
 4. the held-out response loss and the routing (load balance, fluctuation, s) before and after;
 5. ``star_hf.save_adapter`` (the STAR routers) and a folded stock export (``star_hf.fold`` +
    ``save_pretrained``) in ``--output-dir``, each reloaded and compared with the trained model.
 
 Data: (prompt, response) pairs from the standard library's public functions
-(``star_hf.data.docstring_pairs``): the prompt is ``def name(args):`` plus the opening quotes of the
+(``star_hf.experiments.data.docstring_pairs``): the prompt is ``def name(args):`` plus the opening quotes of the
 docstring, the response is the docstring — a "document this function" task with real English answers.
 5 % of the pairs are held out.
 
@@ -40,12 +40,14 @@ import argparse
 import math
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # recipes/_recipe_args.py
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from star_hf.run_args import (
+    from _recipe_args import (
         add_run_arguments,
         add_small_model_arguments,
         prepare_run,
@@ -70,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def sft_data(args: argparse.Namespace, tokenizer):
     """Training examples, held-out batches and the collator of response-only-loss SFT pairs, and a
     held-out prompt."""
-    from star_hf.data import (
+    from star_hf.experiments.data import (
         PadCollator,
         docstring_pairs,
         make_sft_dataset,
@@ -109,18 +111,18 @@ def generate_sample(model, tokenizer, prompt: str, new_tokens: int = 80) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    from _recipe_args import base_model, trainer_options
     from transformers.utils import logging as hf_logging
 
     import star_hf
-    from star_hf.data import load_tokenizer
-    from star_hf.experiments import (
+    from star_hf.experiments.data import load_tokenizer
+    from star_hf.experiments.runs import (
         RoutingCurve,
         export_star_model,
         logits_of,
         train_model,
     )
-    from star_hf.io import atomic_directory, write_json
-    from star_hf.run_args import base_model, trainer_options
+    from star_hf.persistence.io import atomic_directory, write_json
 
     hf_logging.disable_progress_bar()
     tokenizer = load_tokenizer(args.model_dir)

@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from star_hf.cli import main
 
 sys.exit(main())

@@ -3,7 +3,7 @@
 While adaptation is enabled, every eval-mode forward of a selected STAR router — a plain call,
 each step of ``model.generate`` with a KV cache, a ``pipeline`` — applies the spec's GHA (Sanger)
 update to the router inputs it sees, before computing its logits. Padding positions are left out
-through the attention mask (see :mod:`star_hf.masking`); non-finite statistics skip the update on
+through the attention mask (see :mod:`star_hf.router.masking`); non-finite statistics skip the update on
 device and are counted in ``router.star_skipped_updates``. No gradient is taken and no parameter or
 other buffer changes: only ``star_basis`` moves.
 
@@ -23,21 +23,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .patcher import NoRouterError, find_star_routers
-from .router import StarRouterMixin
+from star_hf.errors import AdaptationActiveError, NotPatchedError
+from star_hf.patching.patcher import find_star_routers
+from star_hf.paths import layer_index
+from star_hf.router.star_router import StarRouterMixin
 
 __all__ = [
-    "AdaptationActiveError",
     "TestTimeAdaptation",
     "enable_test_time_adaptation",
     "test_time_adaptation",
 ]
 
 MODES = ("episodic", "continual")
-
-
-class AdaptationActiveError(RuntimeError):
-    """Test-time adaptation is already enabled on (some routers of) this model."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +57,7 @@ def _check_lr(lr: float | None) -> None:
 
 
 def _select(routers: "OrderedDict[str, StarRouterMixin]", layers: Sequence[int | str] | None) -> "OrderedDict[str, StarRouterMixin]":
-    """The routers named by ``layers``: layer indices (any index in the path) or router paths (or suffixes)."""
+    """The routers named by ``layers``: layer indices (of the model's layer list) or router paths (or suffixes)."""
     if layers is None:
         return routers
     if isinstance(layers, (int, str)):
@@ -70,7 +67,7 @@ def _select(routers: "OrderedDict[str, StarRouterMixin]", layers: Sequence[int |
         if isinstance(entry, bool) or not isinstance(entry, (int, str)):
             raise ValueError(f"layers must hold layer indices (int) or router paths (str), got {entry!r}.")
         if isinstance(entry, int):
-            hits = {p for p in routers if str(entry) in p.split(".")}
+            hits = {p for p in routers if layer_index(p) == entry}
         else:
             hits = {p for p in routers if p == entry or p.endswith("." + entry)}
         if not hits:
@@ -193,7 +190,7 @@ def enable_test_time_adaptation(
     _check_lr(lr)
     every = find_star_routers(model)
     if not every:
-        raise NoRouterError(
+        raise NotPatchedError(
             f"{type(model).__name__} has no STAR routers: test-time adaptation updates STAR routing bases. "
             "Patch the model first with star_hf.patch_model(model, star_hf.StarConfig(...))."
         )

@@ -52,7 +52,10 @@ def tiny_qwen2_moe(**overrides):
 
 
 def tiny_switch(**overrides):
-    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+    from transformers import (
+        SwitchTransformersConfig,
+        SwitchTransformersForConditionalGeneration,
+    )
 
     torch.manual_seed(0)
     cfg = SwitchTransformersConfig(

@@ -25,9 +25,8 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.conftest import tiny_mixtral  # noqa: E402
-
 import star_hf  # noqa: E402
+from tests.conftest import tiny_mixtral  # noqa: E402
 
 STEPS, ACCUMULATION, GLOBAL_BATCH, LENGTH = 3, 2, 4, 10
 GHA_LR, SGD_LR = 0.05, 0.1

@@ -11,7 +11,7 @@ import torch
 import star_hf
 from star_hf import StarConfig, find_star_routers, patch_model
 from star_hf.adaptation import AdaptationActiveError
-from star_hf.gha import TokenWeights, guarded_sanger_step_
+from star_hf.gha.sanger import TokenWeights, guarded_sanger_step_
 
 from .conftest import tiny_mixtral, tiny_switch
 
@@ -314,7 +314,7 @@ def test_non_finite_inputs_skip_the_update_and_are_counted(model, input_ids):
             assert torch.equal(router.star_basis, before[path]) and torch.isfinite(router.star_basis).all()
         model(input_ids)  # a finite forward afterwards adapts normally
     with pytest.warns(RuntimeWarning, match="non-finite"):
-        star_hf.router._nonfinite_warned = False
+        star_hf.router.star_router._nonfinite_warned = False
         counts = [r.star_skipped_updates for r in find_star_routers(model).values()]
     assert counts == [1, 1]
     assert all(not torch.equal(b, before[p]) and torch.isfinite(b).all() for p, b in bases(model).items())
@@ -325,9 +325,9 @@ def test_skip_counts_survive_many_forwards_and_a_move(model, input_ids, monkeypa
     poisoned = model.model.embed_tokens.weight.data.clone()
     poisoned[input_ids[0, 0]] = float("nan")
     clean = model.model.embed_tokens.weight.data.clone()
-    monkeypatch.setattr(star_hf.router, "_nonfinite_warned", True)  # the warning itself is tested above
+    monkeypatch.setattr(star_hf.router.star_router, "_nonfinite_warned", True)  # the warning itself is tested above
     with star_hf.test_time_adaptation(model, mode="continual"):
-        for i in range(star_hf.router._SKIP_FLAGS_PER_SUM + 6):
+        for i in range(star_hf.router.star_router._SKIP_FLAGS_PER_SUM + 6):
             model.model.embed_tokens.weight.data.copy_(poisoned if i in (3, 65) else clean)
             model(input_ids)
         model.model.embed_tokens.weight.data.copy_(clean)

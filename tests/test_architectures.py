@@ -10,7 +10,7 @@ For each case the tiny model is built once per module and deep-copied per test. 
   jitter on where the architecture has it), F.linear(observed x, W_eff, b_eff) reproduces the router
   logits Transformers records;
 - patching after Transformers installed its output-recording hooks keeps router logits and losses;
-- ``star_hf.architectures.VERIFIED_ROUTERS`` lists exactly the router classes that have a case here,
+- ``star_hf.patching.architectures.VERIFIED_ROUTERS`` lists exactly the router classes that have a case here,
   and the README's table lists exactly those.
 Then the routers STAR refuses before any change (MLP router, product keys, hash routing); precision
 (gates an architecture keeps in float32 stay float32 STAR parameters in a bf16 model; ``logits_fp32``
@@ -32,9 +32,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from star_hf import BrokenUpstreamError, StarConfig, UnsupportedRouterError, find_star_routers, patch_model
-from star_hf.architectures import VERIFIED_ROUTERS, upstream_failure
-from star_hf.discovery import scan_routers
+from star_hf import (
+    BrokenUpstreamError,
+    StarConfig,
+    UnsupportedRouterError,
+    find_star_routers,
+    patch_model,
+)
+from star_hf.patching.architectures import VERIFIED_ROUTERS, upstream_failure
+from star_hf.patching.discovery import scan_routers
 
 from .conftest import COMMON, tiny_mixtral, tiny_qwen2_moe, tiny_switch
 

@@ -231,7 +231,7 @@ def test_calibrate_a_sharded_bf16_checkpoint_then_save_and_reload(tmp_path):
 
 
 def test_bad_input_is_refused_clearly():
-    with pytest.raises(star_hf.NoRouterError, match="patch_model"):
+    with pytest.raises(star_hf.NotPatchedError, match="patch_model"):
         calibrate(BUILDERS["mixtral"](), [torch.zeros(1, 4, dtype=torch.long)])
     model = patch_model(BUILDERS["mixtral"]())
     before = {p: r.star_basis.clone() for p, r in find_star_routers(model).items()}

@@ -74,7 +74,7 @@ def _logits(model) -> torch.Tensor:
 def _plain(folder: Path):
     from transformers import AutoConfig
 
-    from star_hf.loading import _model_class
+    from star_hf.persistence.loading import _model_class
 
     return _model_class(AutoConfig.from_pretrained(folder), None).from_pretrained(folder)
 
@@ -257,7 +257,7 @@ def test_bad_input_gives_a_clear_error_and_writes_nothing(tmp_path, capsys, ckpt
             ["config.json", "not valid JSON"],
         ),
         (["upgrade", ckpts["mixtral"], ckpts["qwen2_moe"]], ["already exists", "--overwrite"]),
-        (["upgrade", ckpts["mixtral"], out, "--gha-lr", "-1"], ["gha_lr must be a number >= 0"]),
+        (["upgrade", ckpts["mixtral"], out, "--gha-lr", "-1"], ["gha_lr must be a finite number >= 0"]),
         (["upgrade", ckpts["mixtral"], out, "--num-components", "64"], ["exceeds the hidden size 32"]),
         (["upgrade", ckpts["mixtral"], out, "--calibration-data", tmp_path / "nope.txt"], ["nope.txt does not exist"]),
         (["fold", ckpts["mixtral"], out], ["not a STAR checkpoint"]),

@@ -1,4 +1,4 @@
-"""star_hf.data: corpora on the machine, the byte tokenizer, causal-LM datasets."""
+"""star_hf.experiments.data: corpora on the machine, the byte tokenizer, causal-LM datasets."""
 
 from __future__ import annotations
 
@@ -8,8 +8,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from star_hf import data
-from star_hf.data import ByteTokenizer, load_text_corpus, make_lm_dataset, split_documents
+from star_hf.experiments import data
+from star_hf.experiments.data import (
+    ByteTokenizer,
+    load_text_corpus,
+    make_lm_dataset,
+    split_documents,
+)
 
 
 def test_byte_tokenizer_round_trips_unicode_and_marks_documents():

@@ -11,8 +11,8 @@ import torch
 
 import star_hf
 from star_hf.cli import main
-from star_hf.data import load_dataset_documents, read_text_documents
-from star_hf.demo import DemoConfig
+from star_hf.experiments.data import load_dataset_documents, read_text_documents
+from star_hf.experiments.demo import DemoConfig
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""star_hf.evaluation: NMI, routing fluctuation, subspace alignment, router-logit recording.
+"""star_hf.experiments.evaluation: NMI, routing fluctuation, subspace alignment, router-logit recording.
 
 Expected values are computed by hand (closed forms in the test), never with the code under test.
 """
@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from star_hf.evaluation import (
+from star_hf.experiments.evaluation import (
     gate_modules,
     normalized_mutual_info,
     principal_subspace,
@@ -125,7 +125,7 @@ def test_gate_modules_same_paths_after_patching(mixtral, input_ids):
 
 
 def test_evaluate_causal_lm_matches_model_loss_and_routing(mixtral, input_ids):
-    from star_hf.evaluation import evaluate_causal_lm
+    from star_hf.experiments.evaluation import evaluate_causal_lm
 
     mixtral.train()  # the evaluation switches to eval mode and back
     result = evaluate_causal_lm(mixtral, [input_ids[:1], {"input_ids": input_ids[1:]}])
@@ -149,7 +149,7 @@ def test_evaluate_causal_lm_matches_model_loss_and_routing(mixtral, input_ids):
 
 
 def test_evaluate_causal_lm_leaves_padding_out(mixtral):
-    from star_hf.evaluation import evaluate_causal_lm
+    from star_hf.experiments.evaluation import evaluate_causal_lm
 
     ids = torch.tensor([[5, 6, 7, 8, 9, 10], [0, 0, 11, 12, 13, 14]])  # second row left-padded
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
@@ -167,7 +167,7 @@ def test_evaluate_causal_lm_leaves_padding_out(mixtral):
 
 
 def test_evaluate_causal_lm_input_moments(mixtral):
-    from star_hf.evaluation import evaluate_causal_lm
+    from star_hf.experiments.evaluation import evaluate_causal_lm
 
     ids = torch.tensor([[5, 6, 7, 8, 9, 10], [0, 0, 11, 12, 13, 14]])
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
@@ -184,7 +184,7 @@ def test_evaluate_causal_lm_input_moments(mixtral):
 
 
 def test_mean_direction():
-    from star_hf.evaluation import mean_direction
+    from star_hf.experiments.evaluation import mean_direction
 
     # Inputs x = (3, ±1): mean (3, 0), E[x xᵀ] = diag(9, 1); the mean is the whole top eigenvalue.
     moment, mean = torch.diag(torch.tensor([9.0, 1.0])), torch.tensor([3.0, 0.0])

@@ -8,7 +8,12 @@ import warnings
 import pytest
 import torch
 
-from star_hf.gha import GHAStatistics, guarded_update_, row_normalise, sanger_update
+from star_hf.gha.sanger import (
+    GHAStatistics,
+    guarded_update_,
+    row_normalise,
+    sanger_update,
+)
 
 
 def naive_sanger_step(basis: torch.Tensor, x: torch.Tensor, lr: float) -> torch.Tensor:

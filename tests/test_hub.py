@@ -15,8 +15,8 @@ from huggingface_hub.hf_api import RepoUrl
 from safetensors import safe_open
 
 import star_hf
-from star_hf.hub import HubUploadError, push_to_hub, stage_for_hub
-from star_hf.model_card import find_template
+from star_hf.hub.card import find_template
+from star_hf.hub.upload import HubUploadError, push_to_hub, stage_for_hub
 
 from .conftest import tiny_mixtral, tiny_qwen2_moe, tiny_switch
 

@@ -9,8 +9,14 @@ import pytest
 import torch
 
 import star_hf
-from star_hf import RoutingMonitor, StarConfig, find_star_routers, patch_model, routing_report
-from star_hf.metrics import monitor_of
+from star_hf import (
+    RoutingMonitor,
+    StarConfig,
+    find_star_routers,
+    patch_model,
+    routing_report,
+)
+from star_hf.training.metrics import monitor_of
 
 from .conftest import tiny_mixtral, tiny_qwen2_moe, tiny_switch
 

@@ -117,7 +117,7 @@ def test_layers_to_transform_and_target_modules_restrict_patching():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"gha_lr": -1.0}, "gha_lr must be a number >= 0"),
+        ({"gha_lr": -1.0}, "gha_lr must be a finite number >= 0"),
         ({"num_components": 0}, "num_components must be a positive integer"),
         ({"init": "zeros"}, "init must be one of"),
         ({"update": "epoch"}, "update must be one of"),
@@ -154,7 +154,7 @@ def test_non_moe_model_is_refused():
     with pytest.raises(NoRouterError, match=r"no MoE router found in LlamaForCausalLM; .*Supported architectures: .*mixtral"):
         patch_model(model)
     assert_unchanged(model, snap)
-    with pytest.raises(NoRouterError, match="no STAR routers to fold"):
+    with pytest.raises(star_hf.NotPatchedError, match="no STAR routers to fold"):
         fold(model)
 
 

@@ -12,7 +12,7 @@ from peft.utils.other import ModulesToSaveWrapper
 
 from star_hf import StarConfig, find_star_routers, fold, gha_step, patch_model
 from star_hf.integrations.peft import StarModulesToSaveWrapper
-from star_hf.router import StarGateHostMixin, StarRouterMixin
+from star_hf.router.star_router import StarGateHostMixin, StarRouterMixin
 
 from .conftest import COMMON, tiny_mixtral, tiny_qwen2_moe, tiny_switch
 

@@ -16,7 +16,10 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import load_sharded_checkpoint
 
 from star_hf import StarCallback, StarConfig, gha_step, patch_model
-from star_hf.checkpoint_layout import detach_checkpoint_layout_hook, to_model_layout
+from star_hf.patching.checkpoint_layout import (
+    detach_checkpoint_layout_hook,
+    to_model_layout,
+)
 
 from .conftest import tiny_mixtral, tiny_qwen2_moe, tiny_switch
 from .trainer_helpers import TokenDataset, training_args

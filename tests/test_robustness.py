@@ -6,7 +6,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from star_hf import StarCallback, StarConfig, find_star_routers, patch_model
-from star_hf.gha import GHAStatistics, guarded_update_, row_normalise
+from star_hf.gha.sanger import GHAStatistics, guarded_update_, row_normalise
 
 from .conftest import tiny_mixtral
 from .trainer_helpers import TokenDataset, bases, training_args

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import star_hf
 from star_hf import StarConfig, find_star_routers, gha_step, patch_model
-from star_hf.gha import GHAStatistics
+from star_hf.gha.sanger import GHAStatistics
 
 from .conftest import tiny_mixtral
 
@@ -230,7 +230,7 @@ def test_non_finite_inputs_skip_the_update_and_warn_once(input_ids):
     with torch.no_grad():
         emb[input_ids[0, 0]] = float("nan")
     model(input_ids)
-    star_hf.router._nonfinite_warned = False
+    star_hf.router.star_router._nonfinite_warned = False
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert gha_step(model) == 0

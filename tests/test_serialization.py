@@ -19,9 +19,22 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, MixtralFor
 
 import star_hf
 from star_hf import StarConfig, find_star_routers, fold, from_pretrained
-from star_hf.io import CorruptFileError, atomic_directory, read_json, read_safetensors
+from star_hf.persistence.io import (
+    CorruptFileError,
+    atomic_directory,
+    read_json,
+    read_safetensors,
+)
 
-from .serialization_utils import BUILDERS, LAYER_1_ON_DISK, assert_same_star_state, batch, outputs, star_state, trained
+from .serialization_utils import (
+    BUILDERS,
+    LAYER_1_ON_DISK,
+    assert_same_star_state,
+    batch,
+    outputs,
+    star_state,
+    trained,
+)
 
 ARCHS = list(BUILDERS)
 SHARD = "20KB"  # tiny models: several shards each
@@ -332,7 +345,7 @@ def test_keyboard_interrupt_inside_atomic_directory(tmp_path):
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
 def test_atomic_directory_replaces_or_merges(tmp_path, monkeypatch, exchange):
     if not exchange:
-        monkeypatch.setattr("star_hf.io._exchange", lambda a, b: False)
+        monkeypatch.setattr("star_hf.persistence.io._exchange", lambda a, b: False)
     target = tmp_path / "out"
     with atomic_directory(target) as tmp:
         (tmp / "a.txt").write_text("1")

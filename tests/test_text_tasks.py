@@ -1,4 +1,4 @@
-"""star_hf.data text tasks for the recipes: docstring SFT pairs, response-only labels, padding, T5 span corruption."""
+"""star_hf.experiments.data text tasks for the recipes: docstring SFT pairs, response-only labels, padding, T5 span corruption."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from star_hf.data import (
+from star_hf.experiments.data import (
     ByteTokenizer,
     PadCollator,
     docstring_pairs,

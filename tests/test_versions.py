@@ -11,8 +11,8 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from star_hf import architectures
-from star_hf.architectures import (
+from star_hf.patching import architectures
+from star_hf.patching.architectures import (
     UPSTREAM_FAILURES,
     VERIFIED_PEFT,
     VERIFIED_TRANSFORMERS,

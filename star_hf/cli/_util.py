@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..io import read_json
+from star_hf.persistence.io import read_json
 
 __all__ = [
     "DTYPES",
@@ -42,7 +42,7 @@ class CliError(Exception):
 def _known_errors() -> tuple[type[BaseException], ...]:
     from safetensors import SafetensorError
 
-    from ..hub import HubUploadError
+    from star_hf.hub.upload import HubUploadError
 
     # ValueError covers star_hf's own checks (NoRouterError, UnsupportedRouterError, config errors).
     return (CliError, HubUploadError, SafetensorError, OSError, ValueError)
@@ -94,7 +94,7 @@ def check_model_dir(path: str, what: str = "checkpoint") -> Path:
 
 def is_adapter_folder(folder: Path) -> bool:
     """A STAR adapter folder (``star_hf.save_adapter`` output), as opposed to a checkpoint folder."""
-    from ..adapter import ADAPTER_CONFIG_NAME
+    from star_hf.persistence.adapter import ADAPTER_CONFIG_NAME
 
     return (folder / ADAPTER_CONFIG_NAME).is_file() and not (folder / "config.json").is_file()
 
@@ -173,11 +173,11 @@ def text_batches(
     """Up to ``num_batches`` batches of ``batch_size`` × ``seq_len`` tokens cut from a text file.
 
     ``tokenizer``: the checkpoint's tokenizer, or ``None`` for star_hf's byte tokenizer. Paragraphs
-    are the documents of :func:`star_hf.data.make_lm_dataset` (each wrapped in bos/eos).
+    are the documents of :func:`star_hf.experiments.data.make_lm_dataset` (each wrapped in bos/eos).
     """
     import torch
 
-    from ..data import ByteTokenizer, make_lm_dataset
+    from star_hf.experiments.data import ByteTokenizer, make_lm_dataset
 
     file = Path(path)
     if not file.is_file():

@@ -1,11 +1,11 @@
-"""``star-hf demo``: the whole STAR workflow on a small MoE, end to end (see :mod:`star_hf.demo`)."""
+"""``star-hf demo``: the whole STAR workflow on a small MoE, end to end (see :mod:`star_hf.experiments.demo`)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from ._util import cli_command, command_parser
+from star_hf.cli._util import cli_command, command_parser
 
 EPILOG = """examples:
   star-hf demo                                   # a few minutes on 2 CPU cores, report in ./star_hf_demo
@@ -23,7 +23,7 @@ and a folded export, and the report: OUTPUT_DIR/report.md, results.json, loss_cu
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
-    from ..demo import DemoConfig
+    from star_hf.experiments.demo import DemoConfig
 
     d = DemoConfig()
     p = command_parser(
@@ -100,10 +100,10 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    """The :class:`star_hf.demo.DemoConfig` of the parsed flags (``--smoke`` shrinks the unset ones)."""
+    """The :class:`star_hf.experiments.demo.DemoConfig` of the parsed flags (``--smoke`` shrinks the unset ones)."""
     from dataclasses import fields
 
-    from ..demo import DemoConfig
+    from star_hf.experiments.demo import DemoConfig
 
     values = {f.name: getattr(args, f.name) for f in fields(DemoConfig)}
     if not args.smoke:
@@ -115,7 +115,7 @@ def config_from_args(args: argparse.Namespace):
 
 @cli_command
 def run(args: argparse.Namespace) -> int:
-    from ..demo import REPORT_NAME, run_demo
+    from star_hf.experiments.demo import REPORT_NAME, run_demo
 
     results = run_demo(config_from_args(args))
     runs = results["finetune"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._util import (
+from star_hf.cli._util import (
     DTYPES,
     CliError,
     check_model_dir,
@@ -49,9 +49,9 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
-    import star_hf
-
-    from ..io import atomic_directory
+    from star_hf.patching.patcher import find_star_routers, fold
+    from star_hf.persistence.io import atomic_directory
+    from star_hf.persistence.loading import from_pretrained
 
     in_dir = check_model_dir(args.in_dir, "STAR checkpoint")
     out_dir = check_new_dir(args.out_dir, overwrite=args.overwrite, source=in_dir)
@@ -61,9 +61,9 @@ def run(args: argparse.Namespace) -> int:
         )
     check_safetensors(in_dir)
     tokenizer = load_tokenizer(in_dir)
-    model = star_hf.from_pretrained(str(in_dir), dtype=torch_dtype(args.dtype))
-    count = len(star_hf.find_star_routers(model))
-    star_hf.fold(model)
+    model = from_pretrained(str(in_dir), dtype=torch_dtype(args.dtype))
+    count = len(find_star_routers(model))
+    fold(model)
     with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:

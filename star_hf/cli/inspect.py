@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ._util import (
+from star_hf.cli._util import (
     CliError,
     check_model_dir,
     check_safetensors,
@@ -53,9 +53,8 @@ def _load_model(folder: Path, base_model: str | None):
     """A patched model from a STAR checkpoint, or from a base checkpoint plus an adapter folder."""
     from transformers import AutoConfig
 
-    import star_hf
-
-    from ..loading import _model_class
+    from star_hf.persistence.adapter import load_adapter
+    from star_hf.persistence.loading import _model_class, from_pretrained
 
     if is_adapter_folder(folder):
         base_dir = check_model_dir(base_model, "base checkpoint")
@@ -63,7 +62,7 @@ def _load_model(folder: Path, base_model: str | None):
         base = _model_class(AutoConfig.from_pretrained(str(base_dir)), None).from_pretrained(
             str(base_dir), use_safetensors=True
         )
-        return star_hf.load_adapter(base, folder), base_dir
+        return load_adapter(base, folder), base_dir
     check_model_dir(str(folder), "STAR checkpoint")
     if not getattr(AutoConfig.from_pretrained(str(folder)), "star_config", None):
         raise CliError(
@@ -71,7 +70,7 @@ def _load_model(folder: Path, base_model: str | None):
             "`star-hf upgrade`."
         )
     check_safetensors(folder)
-    return star_hf.from_pretrained(str(folder)), folder
+    return from_pretrained(str(folder)), folder
 
 
 def _measure_load(model, batches) -> None:
@@ -79,7 +78,7 @@ def _measure_load(model, batches) -> None:
     import torch
     from tqdm.auto import tqdm
 
-    from ..metrics import RoutingMonitor
+    from star_hf.training.metrics import RoutingMonitor
 
     RoutingMonitor(model)
     model.eval()
@@ -109,8 +108,8 @@ def _print_report(star_config: dict, report) -> None:
 
 @cli_command
 def run(args: argparse.Namespace) -> int:
-    from ..model_card import adapter_routing_report
-    from ..plotting import plot_routing
+    from star_hf.experiments.plotting import plot_routing
+    from star_hf.hub.card import adapter_routing_report
 
     folder = Path(args.dir)
     if not folder.is_dir():
@@ -126,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
             raise CliError("measuring the expert load of an adapter needs its base model: pass --base-model MODEL_DIR.")
         star_config, report = adapter_routing_report(folder)
     else:
-        from ..metrics import routing_report
+        from star_hf.training.metrics import routing_report
 
         model, tokenizer_dir = _load_model(folder, args.base_model)
         if args.data:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._util import (
+from star_hf.cli._util import (
     CliError,
     check_model_dir,
     check_new_dir,
@@ -55,8 +55,8 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
 
 @cli_command
 def run(args: argparse.Namespace) -> int:
-    import star_hf
-    from star_hf.hub import check_repo_id, stage_for_hub
+    from star_hf.hub.upload import check_repo_id, push_to_hub, stage_for_hub
+    from star_hf.persistence.loading import from_pretrained
 
     folder = Path(args.dir)
     if not folder.is_dir():
@@ -73,13 +73,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         check_model_dir(str(folder), "STAR checkpoint")
         check_safetensors(folder)
-        source, kind, tokenizer = star_hf.from_pretrained(str(folder)), args.kind or "full", load_tokenizer(folder)
+        source, kind, tokenizer = from_pretrained(str(folder)), args.kind or "full", load_tokenizer(folder)
     card = {"license": args.license, "base_model": args.base_model, "tokenizer": tokenizer}
     if stage_dir is not None:
         stage_for_hub(source, stage_dir, kind, repo_id=args.repo_id, **card)
         print(f"staged the {kind} upload for {args.repo_id} in {stage_dir} (nothing was uploaded)")
         return 0
-    info = star_hf.push_to_hub(
+    info = push_to_hub(
         source,
         args.repo_id,
         kind,

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..io import read_json
-from ._util import (
+from star_hf.cli._util import (
     DTYPES,
     CliError,
     check_model_dir,
@@ -18,6 +17,7 @@ from ._util import (
     text_batches,
     torch_dtype,
 )
+from star_hf.persistence.io import read_json
 
 EPILOG = """examples:
   star-hf upgrade ./mixtral ./mixtral-star
@@ -81,10 +81,9 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
 
 def star_config_from_args(args: argparse.Namespace):
     """The StarConfig of --config, with the STAR flags that were given on top."""
-    from ..config import StarConfig
+    from star_hf.config import StarConfig
 
     values = read_json(Path(args.config), "--config file") if args.config else {}
-    values.pop("patched_modules", None)
     for field, flag in _STAR_FLAGS.items():
         value = getattr(args, flag)
         if value is not None:
@@ -101,7 +100,7 @@ def _preflight(model_class: type, config, star_config, allow_unverified: bool) -
 
     import torch
 
-    from ..patcher import patch_model
+    from star_hf.patching.patcher import patch_model
 
     build = getattr(model_class, "_from_config", None) or model_class.from_config  # concrete or Auto class
     with torch.device("meta"):
@@ -114,10 +113,10 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
     from transformers import AutoConfig
 
-    import star_hf
-
-    from ..io import atomic_directory
-    from ..loading import _model_class
+    from star_hf.patching.patcher import find_star_routers, patch_model
+    from star_hf.persistence.io import atomic_directory
+    from star_hf.persistence.loading import _model_class
+    from star_hf.training.calibration import calibrate
 
     model_dir = check_model_dir(args.model_dir)
     out_dir = check_new_dir(args.out_dir, overwrite=args.overwrite, source=model_dir)
@@ -143,12 +142,12 @@ def run(args: argparse.Namespace) -> int:
         )
 
     model = model_class.from_pretrained(str(model_dir), dtype=torch_dtype(args.dtype), use_safetensors=True)
-    star_hf.patch_model(model, star_config, allow_unverified=args.allow_unverified)
-    routers = star_hf.find_star_routers(model)
+    patch_model(model, star_config, allow_unverified=args.allow_unverified)
+    routers = find_star_routers(model)
     print(f"patched {len(routers)} router(s) of {type(model).__name__} with STAR")
     if batches is not None:
         # text_batches already cut the data to --calibration-batches; calibrate exhausts the bar.
-        star_hf.calibrate(model, tqdm(batches, desc="calibrating", unit="batch"))
+        calibrate(model, tqdm(batches, desc="calibrating", unit="batch"))
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         print(f"calibrated the bases on {len(batches)} batch(es), {tokens} tokens of {args.calibration_data}")
     with atomic_directory(out_dir) as tmp:

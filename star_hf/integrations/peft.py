@@ -26,11 +26,21 @@ import warnings
 from collections.abc import Iterable
 
 from peft import PeftModel
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
+from peft.tuners.tuners_utils import (
+    BaseTuner,
+    BaseTunerLayer,
+    check_target_module_exists,
+)
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
-from ..router import STAR_BUFFER_NAMES, STAR_PARAMETER_NAMES, StarGateHostMixin, StarRouterMixin
+from star_hf.paths import canonical_path
+from star_hf.router.star_router import (
+    STAR_BUFFER_NAMES,
+    STAR_PARAMETER_NAMES,
+    StarGateHostMixin,
+    StarRouterMixin,
+)
 
 __all__ = [
     "StarModulesToSaveWrapper",
@@ -42,7 +52,6 @@ __all__ = [
 
 _STAR_TENSOR_NAMES = STAR_PARAMETER_NAMES + STAR_BUFFER_NAMES
 _GHA_ONLY_FROZEN = ("star_linear_weight", "star_linear_bias", "star_alpha")
-_WRAPPER_SEGMENTS = (".original_module", ".modules_to_save.")
 
 
 class StarModulesToSaveWrapper(ModulesToSaveWrapper):
@@ -75,16 +84,6 @@ def _freeze_gha_only(modules: Iterable[nn.Module]) -> None:
                         param.requires_grad_(False)
 
 
-def _logical_path(path: str) -> str:
-    """``path`` with PEFT's wrapper segments removed: the module's name in the unwrapped model."""
-    for marker in _WRAPPER_SEGMENTS:
-        while marker in path:
-            head, _, tail = path.partition(marker)
-            tail = tail.partition(".")[2] if marker.endswith(".") else tail.lstrip(".")
-            path = f"{head}.{tail}" if tail else head
-    return path
-
-
 def router_module_paths(model: nn.Module) -> list[str]:
     """Paths (in the unwrapped model) of the modules PEFT must keep as full trainable copies.
 
@@ -93,13 +92,13 @@ def router_module_paths(model: nn.Module) -> list[str]:
     ``ModulesToSaveWrapper`` are trained through that module's copy and are not listed.
     """
     modules = dict(model.named_modules())
-    wrapped = {_logical_path(p) for p, m in modules.items() if isinstance(m, ModulesToSaveWrapper)}
-    hosts = {_logical_path(p) for p, m in modules.items() if isinstance(m, StarGateHostMixin)}
+    wrapped = {canonical_path(p) for p, m in modules.items() if isinstance(m, ModulesToSaveWrapper)}
+    hosts = {canonical_path(p) for p, m in modules.items() if isinstance(m, StarGateHostMixin)}
     paths: list[str] = []
     for path, module in modules.items():
         if not isinstance(module, (StarRouterMixin, StarGateHostMixin)):
             continue
-        logical = _logical_path(path)
+        logical = canonical_path(path)
         if isinstance(module, StarRouterMixin) and logical.rpartition(".")[0] in hosts:
             continue
         parts = logical.split(".")
@@ -129,7 +128,7 @@ def _warn_if_targeted(config, model: nn.Module, paths: list[str]) -> None:
     probe.modules_to_save = None
     probe.target_modules = target_modules
     probe.target_parameters = target_parameters
-    keys = [_logical_path(k) for k, _ in model.named_modules()]
+    keys = [canonical_path(k) for k, _ in model.named_modules()]
     hit = []
     for path in paths:
         inside = [k for k in keys if k == path or k.startswith(path + ".")]
@@ -296,6 +295,3 @@ def install() -> None:
 
         load_adapter._star_hf_wrapped = True
         PeftModel.load_adapter = load_adapter
-
-
-install()

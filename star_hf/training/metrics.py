@@ -26,10 +26,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .masking import current_token_weight
-from .patcher import find_star_routers
-from .router import StarRouterMixin, _first_input, interpolation
-from .step import gha_step
+from star_hf.patching.patcher import find_star_routers
+from star_hf.router.masking import current_token_weight
+from star_hf.router.star_router import StarRouterMixin, _first_input, interpolation
+from star_hf.training.step import gha_step
 
 __all__ = ["LayerReport", "RoutingMonitor", "RoutingReport", "routing_report"]
 
@@ -305,7 +305,7 @@ class RoutingMonitor:
         if taken:
             raise ValueError(
                 f"routers {taken} are already tracked by another RoutingMonitor; close() it first "
-                "(star_hf.metrics.monitor_of(model) returns it)."
+                "(star_hf.training.metrics.monitor_of(model) returns it)."
             )
         self.model = model
         self.trackers: dict[str, _LayerTracker] = {}

@@ -16,7 +16,7 @@ import threading
 import torch
 import torch.nn as nn
 
-from .gha import TokenWeights
+from star_hf.gha.sanger import TokenWeights
 
 __all__ = ["attach_mask_hooks", "current_token_weight", "current_token_weights", "detach_mask_hooks"]
 
@@ -73,7 +73,7 @@ def current_token_weight(num_tokens: int) -> torch.Tensor | None:
 
 
 def current_token_weights(num_tokens: int, device: torch.device) -> TokenWeights | None:
-    """:func:`current_token_weight` as :class:`~star_hf.gha.TokenWeights` on ``device``, derived once
+    """:func:`current_token_weight` as :class:`~star_hf.gha.sanger.TokenWeights` on ``device``, derived once
     per forward and shared by its routers (the per-forward update of test-time adaptation).
     ``None`` also when a host-resident mask has no padding in this forward's tokens."""
     stack = _stack()

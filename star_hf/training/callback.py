@@ -10,14 +10,14 @@ One line: ``Trainer(..., callbacks=[star_hf.StarCallback()])``.
 * The GHA learning rate is constant by default (as in the reference); ``schedule`` can decay it
   with the training progress ``state.global_step / state.max_steps``, which the Trainer saves in its
   checkpoints, so a resumed run continues the same schedule.
-* Every ``logging_steps`` the compact routing metrics of :mod:`star_hf.metrics` are added to the
+* Every ``logging_steps`` the compact routing metrics of :mod:`star_hf.training.metrics` are added to the
   Trainer's logs. The callback moves itself to the front of the callback list so that the
   reporting integrations (TensorBoard, W&B, ...) registered before it see them too.
 * On resume it checks that the checkpoint's bases were restored (a digest saved with the Trainer
   state), and raises instead of silently training on with freshly initialised routers.
 
 A Trainer that trains a patched model without this callback (and without anything else calling
-``gha_step``) gets one warning in its second optimizer step: see :func:`check_statistics_pile_up`.
+``gha_step``) gets one warning in its second optimizer step: see :mod:`star_hf.integrations.trainer`.
 """
 
 from __future__ import annotations
@@ -25,25 +25,19 @@ from __future__ import annotations
 import hashlib
 import math
 import sys
-import warnings
-import weakref
-from typing import Any
 
 import torch.nn as nn
 from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler, ExportableState
 from transformers.training_args import ParallelMode
 
-from .metrics import RoutingMonitor, monitor_of
-from .patcher import find_star_routers
-from .step import gha_step, register_pending_statistics_listener
+from star_hf.patching.patcher import find_star_routers
+from star_hf.training.metrics import RoutingMonitor, monitor_of
+from star_hf.training.step import gha_step
 
-__all__ = ["SCHEDULES", "StarCallback", "check_statistics_pile_up"]
+__all__ = ["SCHEDULES", "StarCallback"]
 
 SCHEDULES = ("constant", "linear", "cosine")
-
-_warned_trainers: "weakref.WeakSet[Any]" = weakref.WeakSet()
-
 
 class StarCallback(TrainerCallback, ExportableState):
     """Applies the GHA update of every STAR router once per optimizer step of a ``Trainer``.
@@ -58,6 +52,9 @@ class StarCallback(TrainerCallback, ExportableState):
     With ``StarConfig(update="forward")`` the routers update themselves in every training forward
     (at ``star_config.gha_lr``, as the reference does); the callback then only logs and checks.
     """
+
+    # Read by star_hf.integrations.trainer: this callback applies the GHA updates.
+    star_applies_gha_updates = True
 
     def __init__(
         self, gha_lr: float | None = None, schedule: str = "constant", warmup_steps: int = 0, log_metrics: bool = True
@@ -192,49 +189,3 @@ def bases_digest(model: nn.Module) -> str:
     for router in find_star_routers(model).values():
         digest.update(router.star_basis.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
-
-
-def _running_trainer() -> Any:
-    """The ``transformers.Trainer`` whose code is on the call stack, if any."""
-    trainer_module = sys.modules.get("transformers.trainer")
-    if trainer_module is None:
-        return None
-    frame = sys._getframe(1)
-    while frame is not None:
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, trainer_module.Trainer):
-            return owner
-        frame = frame.f_back
-    return None
-
-
-def check_statistics_pile_up(router: nn.Module) -> float:
-    """Called by a router whose statistics outlived one optimizer step's worth of forwards.
-
-    Inside a ``Trainer``, one optimizer step runs ``gradient_accumulation_steps`` training forwards;
-    if a router has accumulated more than that, nothing called :func:`star_hf.gha_step` at the end of
-    the step (no :class:`StarCallback`, nor another callback doing it): warn once per Trainer. Outside
-    a Trainer (custom loops), or with the callback in place, the router stops asking. Returns the
-    pending-forward count at which the router asks again.
-    """
-    trainer = _running_trainer()
-    if trainer is None or any(isinstance(c, StarCallback) for c in trainer.callback_handler.callbacks):
-        return math.inf
-    per_step = max(1, int(trainer.args.gradient_accumulation_steps))
-    if router._star_pending_forwards <= per_step:
-        return per_step
-    if trainer in _warned_trainers:
-        return math.inf
-    _warned_trainers.add(trainer)
-    warnings.warn(
-        "star_hf: this Trainer trains a model with STAR routers, but nothing applies their GHA updates: "
-        f"statistics piled up over {router._star_pending_forwards} training forwards without a star_hf.gha_step "
-        f"(one optimizer step has {per_step}), so the routers' bases would never move. Add the callback: "
-        "Trainer(..., callbacks=[star_hf.StarCallback()]).",
-        UserWarning,
-        stacklevel=2,
-    )
-    return math.inf
-
-
-register_pending_statistics_listener(check_statistics_pile_up)

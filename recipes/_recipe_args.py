@@ -5,7 +5,7 @@ length, optimisation, STAR, output, ``--smoke``) from :func:`add_run_arguments`;
 on plain text add :func:`add_text_arguments`, and those that build a small model when no checkpoint
 is given add :func:`add_small_model_arguments`.
 :func:`prepare_run` checks them, :func:`trainer_options` / :func:`text_options` turn them into the
-keyword arguments of :func:`star_hf.experiments.train_model` / :func:`star_hf.experiments.lm_data`,
+keyword arguments of :func:`star_hf.experiments.runs.train_model` / :func:`star_hf.experiments.runs.lm_data`,
 and :func:`base_model` / :func:`small_model` into the model to start from.
 """
 
@@ -83,8 +83,8 @@ def add_run_arguments(
 
 
 def add_text_arguments(parser: argparse.ArgumentParser, *, corpus: str, max_chars: int) -> None:
-    """Flags of the text to train on: a :mod:`star_hf.data` corpus or a file, and the held-out part."""
-    parser.add_argument("--corpus", default=corpus, help=f"star_hf.data corpus to train on (default: {corpus})")
+    """Flags of the text to train on: a :mod:`star_hf.experiments.data` corpus or a file, and the held-out part."""
+    parser.add_argument("--corpus", default=corpus, help=f"star_hf.experiments.data corpus to train on (default: {corpus})")
     parser.add_argument("--train-file", type=Path, help="a UTF-8 text file to train on instead of --corpus")
     parser.add_argument("--max-chars", type=int, default=max_chars, help="characters of --corpus to read")
     parser.add_argument("--eval-sequences", type=int, default=32, help="held-out sequences")
@@ -108,7 +108,7 @@ def add_small_model_arguments(parser: argparse.ArgumentParser, *, pretrain_steps
 def small_model(args: argparse.Namespace, vocab_size: int, seed: int | None = None) -> Any:
     """The small Mixtral of the size flags (``--hidden-size``, ``--layers``, ``--experts``,
     ``--top-k``), fresh weights drawn under ``seed`` (default ``--seed``)."""
-    from .experiments import tiny_moe
+    from star_hf.experiments.runs import tiny_moe
 
     return tiny_moe(
         "mixtral",
@@ -150,7 +150,7 @@ def prepare_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 
 
 def trainer_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The keyword arguments of :func:`star_hf.experiments.train_model` given by the run flags."""
+    """The keyword arguments of :func:`star_hf.experiments.runs.train_model` given by the run flags."""
     return {
         "steps": args.steps,
         "batch_size": args.batch_size,
@@ -163,7 +163,7 @@ def trainer_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def text_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The keyword arguments of :func:`star_hf.experiments.lm_data` given by the run and text flags."""
+    """The keyword arguments of :func:`star_hf.experiments.runs.lm_data` given by the run and text flags."""
     return {
         "seq_len": args.seq_len,
         "eval_sequences": args.eval_sequences,
@@ -177,7 +177,7 @@ def text_options(args: argparse.Namespace) -> dict[str, Any]:
 def base_model(args: argparse.Namespace, tokenizer: Any, model_type: str) -> Any:
     """The stock checkpoint of ``--model-dir``, or a small ``model_type`` model of the size flags,
     pretrained for ``--pretrain-steps`` on the standard library's docstrings."""
-    from .experiments import load_checkpoint, pretrain_tiny_moe
+    from star_hf.experiments.runs import load_checkpoint, pretrain_tiny_moe
 
     if args.model_dir is not None:
         return load_checkpoint(args.model_dir, dtype=args.dtype, tokenizer=tokenizer)

@@ -2,7 +2,7 @@
 
 Specialisation, stability and basis health of a router, computed from what an evaluation pass
 already produces (router logits, known labels, the basis). Load metrics (tokens per expert, CV,
-normalised entropy) live in :mod:`star_hf.metrics`; this module adds the measures that need labels,
+normalised entropy) live in :mod:`star_hf.training.metrics`; this module adds the measures that need labels,
 two checkpoints or reference data:
 
 - :func:`normalized_mutual_info` — agreement between a known token label (e.g. the cluster a
@@ -106,7 +106,7 @@ def principal_subspace(x: torch.Tensor, num_components: int) -> torch.Tensor:
     This is the subspace Sanger's rule converges to (STAR.md §2), the reference for
     :func:`subspace_alignment`.
     """
-    from .calibration import principal_basis
+    from star_hf.training.calibration import principal_basis
 
     x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
     if not 1 <= num_components <= x.shape[-1]:
@@ -136,8 +136,8 @@ def gate_modules(model: nn.Module) -> OrderedDict[str, nn.Module]:
     The same paths in both cases (the gate owner: the router itself, or its gate ``nn.Linear``), so
     a baseline and its STAR upgrade can be compared router by router.
     """
-    from .discovery import scan_routers
-    from .patcher import find_star_routers
+    from star_hf.patching.discovery import scan_routers
+    from star_hf.patching.patcher import find_star_routers
 
     star = find_star_routers(model)
     if star:

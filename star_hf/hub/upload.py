@@ -22,13 +22,15 @@ from typing import Any
 
 import torch.nn as nn
 
-from .model_card import KINDS, card_facts_from_model, inherited_license, render_model_card
+from star_hf.errors import HubUploadError
+from star_hf.hub.card import (
+    KINDS,
+    card_facts_from_model,
+    inherited_license,
+    render_model_card,
+)
 
-__all__ = ["HubUploadError", "push_to_hub", "stage_for_hub", "upload_staged_folder"]
-
-
-class HubUploadError(RuntimeError):
-    """Creating the Hub repository or uploading the staged folder failed; nothing local was changed."""
+__all__ = ["push_to_hub", "stage_for_hub", "upload_staged_folder"]
 
 
 def _check_kind(kind: str) -> None:
@@ -62,8 +64,8 @@ def _metrics_table(source: nn.Module | str | os.PathLike, metrics: Any) -> str |
     if metrics is False:
         return None
     if metrics is None:
-        from .metrics import routing_report
-        from .model_card import adapter_routing_report
+        from star_hf.hub.card import adapter_routing_report
+        from star_hf.training.metrics import routing_report
 
         metrics = adapter_routing_report(source)[1] if _is_folder(source) else routing_report(source)
     if isinstance(metrics, str):
@@ -93,20 +95,20 @@ def _write_weights(
     model: nn.Module, folder: Path, kind: str, base_model: str | None, base_model_revision: str | None
 ) -> None:
     if kind == "adapter":
-        from .adapter import save_adapter
+        from star_hf.persistence.adapter import save_adapter
 
         save_adapter(model, folder, base_model_name_or_path=base_model, revision=base_model_revision)
     elif kind == "full":
         _hf_model(model, kind).save_pretrained(folder)
     else:
-        from .patcher import fold
+        from star_hf.patching.patcher import fold
 
         # Folding is in place: fold a copy so the caller's model keeps its STAR routers.
         fold(copy.deepcopy(_hf_model(model, kind))).save_pretrained(folder)
 
 
 def _copy_adapter_folder(source: Path, folder: Path) -> None:
-    from .adapter import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+    from star_hf.persistence.adapter import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 
     for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME):
         shutil.copy2(source / name, folder / name)
@@ -125,7 +127,7 @@ def _stage_into(
     tokenizer: Any,
 ) -> None:
     """Write weights, config, tokenizer and README.md of ``source`` into the empty ``folder``."""
-    from .model_card import card_facts_from_adapter
+    from star_hf.hub.card import card_facts_from_adapter
 
     if _is_folder(source):
         if kind != "adapter":
@@ -173,7 +175,7 @@ def stage_for_hub(
     it is written atomically. Arguments as in :func:`push_to_hub`; ``repo_id`` only names the model
     in the card. Returns the folder's path.
     """
-    from .io import atomic_directory
+    from star_hf.persistence.io import atomic_directory
 
     _check_kind(kind)
     target = Path(directory)

@@ -8,26 +8,49 @@ replaces the gate's ``weight`` parameter by the STAR parameters. Nothing else in
 
 from __future__ import annotations
 
-import sys
+import importlib.util
 from collections import OrderedDict
 
 import torch
 import torch.nn as nn
 
-from ._generated import gate_host_class_for, star_class_for
-from .architectures import LOGITS_FP32_REFUSED, check_versions, supported_architectures, upstream_failure
-from .checkpoint_layout import attach_checkpoint_layout_hook, detach_checkpoint_layout_hook
-from .config import StarConfig
-from .discovery import RouterSite, UnsupportedRouter, _active_named_modules, scan_routers
-from .init import initial_tensors
-from .masking import attach_mask_hooks, detach_mask_hooks
-from .router import STAR_BUFFER_NAMES, STAR_PARAMETER_NAMES, StarGateHostMixin, StarRouterMixin
+from star_hf.config import StarConfig
+from star_hf.errors import (
+    AlreadyPatchedError,
+    BrokenUpstreamError,
+    NoRouterError,
+    NotPatchedError,
+    UnsupportedRouterError,
+)
+from star_hf.gha.init import initial_tensors
+from star_hf.integrations import trainer as trainer_watch
+from star_hf.patching.architectures import (
+    LOGITS_FP32_REFUSED,
+    check_versions,
+    supported_architectures,
+    upstream_failure,
+)
+from star_hf.patching.checkpoint_layout import (
+    attach_checkpoint_layout_hook,
+    detach_checkpoint_layout_hook,
+)
+from star_hf.patching.discovery import (
+    RouterSite,
+    UnsupportedRouter,
+    _active_named_modules,
+    scan_routers,
+)
+from star_hf.paths import find_hf_model, layer_index
+from star_hf.router.generated import gate_host_class_for, star_class_for
+from star_hf.router.masking import attach_mask_hooks, detach_mask_hooks
+from star_hf.router.star_router import (
+    STAR_BUFFER_NAMES,
+    STAR_PARAMETER_NAMES,
+    StarGateHostMixin,
+    StarRouterMixin,
+)
 
 __all__ = [
-    "AlreadyPatchedError",
-    "BrokenUpstreamError",
-    "NoRouterError",
-    "UnsupportedRouterError",
     "find_star_routers",
     "fold",
     "patch_model",
@@ -48,22 +71,6 @@ _INSTANCE_STATE = (
 )
 
 
-class NoRouterError(ValueError):
-    """The model has no MoE router star_hf could patch."""
-
-
-class UnsupportedRouterError(ValueError):
-    """A router is not a linear gate, or its architecture is not verified."""
-
-
-class BrokenUpstreamError(UnsupportedRouterError):
-    """The stock model itself fails in the installed Transformers (see ``architectures.UPSTREAM_FAILURES``)."""
-
-
-class AlreadyPatchedError(ValueError):
-    """``patch_model`` was called on a model that already has STAR routers."""
-
-
 def find_star_routers(model: nn.Module) -> "OrderedDict[str, StarRouterMixin]":
     """Module path → STAR router, in model order (only the copies a PEFT wrapper actually runs)."""
     return OrderedDict((p, m) for p, m in _active_named_modules(model) if isinstance(m, StarRouterMixin))
@@ -73,17 +80,11 @@ def _all_star_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, (StarRouterMixin, StarGateHostMixin))]
 
 
-def _hf_models(model: nn.Module) -> list[nn.Module]:
-    from transformers import PreTrainedModel
-
-    return [m for m in model.modules() if isinstance(m, PreTrainedModel)]
-
-
 def _peft_integration():
-    """``star_hf.integrations.peft`` when PEFT is imported (a PEFT-wrapped model implies it is)."""
-    if "peft" not in sys.modules:
+    """``star_hf.integrations.peft`` where PEFT is installed (it is a dependency, but optional at run time)."""
+    if importlib.util.find_spec("peft") is None:
         return None
-    from .integrations import peft
+    from star_hf.integrations import peft
 
     return peft
 
@@ -91,11 +92,8 @@ def _peft_integration():
 def _layers_hint(sites: list[RouterSite], unsupported: list[UnsupportedRouter]) -> str:
     """The ``layers_to_transform`` that keeps exactly the linear-gate layers (mixed models: DeepSeek-V4)."""
 
-    def layers(path: str) -> set[int]:
-        return {int(tok) for tok in path.split(".") if tok.isdigit()}
-
-    refused = set().union(*(layers(u.path) for u in unsupported))
-    linear = sorted(set().union(*(layers(s.path) for s in sites)) - refused)
+    refused = {layer_index(u.path) for u in unsupported}
+    linear = sorted({layer_index(s.path) for s in sites} - refused - {None})
     if not linear:
         return ""
     return f" The linear gates are in layers {linear}: StarConfig(layers_to_transform={linear}) patches only those."
@@ -110,10 +108,10 @@ def _check_sites(model: nn.Module, config: StarConfig, allow_unverified: bool) -
         )
     import transformers
 
-    for hf_model in _hf_models(model)[:1]:
-        failure = upstream_failure(type(hf_model).__name__, transformers.__version__)
-        if failure is not None and not allow_unverified:
-            raise BrokenUpstreamError(failure.message(transformers.__version__))
+    hf_model = find_hf_model(model)
+    failure = None if hf_model is None else upstream_failure(type(hf_model).__name__, transformers.__version__)
+    if failure is not None and not allow_unverified:
+        raise BrokenUpstreamError(failure.message(transformers.__version__))
     sites, unsupported = scan_routers(model)
     if not sites and not unsupported:
         raise NoRouterError(
@@ -170,7 +168,7 @@ def _convert(site: RouterSite, config: StarConfig, index: int) -> None:
     w0 = gate._parameters.pop("weight")
     bias_slot = "bias" in gate._parameters
     b0 = gate._parameters.pop("bias") if bias_slot else None
-    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + index)
+    generator = torch.Generator().manual_seed((config.seed * 1_000_003 + index) % 2**63)
     t = initial_tensors(
         w0.detach(),
         b0.detach() if site.has_bias else None,
@@ -214,14 +212,15 @@ def patch_model(model: nn.Module, config: StarConfig | None = None, *, allow_unv
     sites = _check_sites(model, config, allow_unverified)
     for index, site in enumerate(sites):
         _convert(site, config, index)
-    config.patched_modules = [s.path for s in sites]
-    attach_mask_hooks(model, config.patched_modules)
+    attach_mask_hooks(model, [s.path for s in sites])
     # Trainer resume loads checkpoints with load_state_dict, which skips Transformers' key conversion.
     attach_checkpoint_layout_hook(model)
+    trainer_watch.install()
     if (peft := _peft_integration()) is not None:
-        # Adapters added before patching must save the new routers too.
+        # From now on PEFT keeps STAR routers out of LoRA; adapters added before patching save them too.
+        peft.install()
         peft.add_routers_to_adapters(model)
-    for hf_model in _hf_models(model)[:1]:
+    if (hf_model := find_hf_model(model)) is not None:
         hf_model.config.star_config = config.to_dict()
     return model
 
@@ -254,7 +253,7 @@ def fold(model: nn.Module) -> nn.Module:
     """
     modules = _all_star_modules(model)
     if not modules:
-        raise NoRouterError(f"{type(model).__name__} has no STAR routers to fold (was it patched?).")
+        raise NotPatchedError(f"{type(model).__name__} has no STAR routers to fold (was it patched?).")
     for module in modules:
         if isinstance(module, StarRouterMixin):
             _fold_router(module)
@@ -263,7 +262,7 @@ def fold(model: nn.Module) -> nn.Module:
             module.__class__ = type(module)._star_base_class
     detach_mask_hooks(model)
     detach_checkpoint_layout_hook(model)
-    for hf_model in _hf_models(model):
-        if hasattr(hf_model.config, "star_config"):
-            del hf_model.config.star_config
+    hf_model = find_hf_model(model)
+    if hf_model is not None and hasattr(hf_model.config, "star_config"):
+        del hf_model.config.star_config
     return model

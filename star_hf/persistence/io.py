@@ -24,11 +24,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["CorruptFileError", "atomic_directory", "read_json", "read_safetensors", "write_json"]
+from star_hf.errors import CorruptFileError
 
-
-class CorruptFileError(ValueError):
-    """A file star_hf reads exists but cannot be parsed (truncated, not JSON, not safetensors, ...)."""
+__all__ = ["atomic_directory", "read_json", "read_safetensors", "write_json"]
 
 
 # ---------------------------------------------------------------------------------------- writing

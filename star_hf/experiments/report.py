@@ -1,6 +1,6 @@
 """The report folder of ``star-hf demo``: ``report.md``, ``results.json`` and the PNG plots.
 
-Everything here is rendered from the results dictionary of :func:`star_hf.demo.run_demo`; the
+Everything here is rendered from the results dictionary of :func:`star_hf.experiments.demo.run_demo`; the
 verdicts are computed from the measured numbers, whichever way they go.
 """
 
@@ -11,7 +11,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .plotting import draw_interpolation_bars, draw_load_heatmap, layer_label, plot_curves, pyplot, save_figure
+from star_hf.experiments.plotting import (
+    draw_interpolation_bars,
+    draw_load_heatmap,
+    layer_label,
+    plot_curves,
+    pyplot,
+    save_figure,
+)
 
 __all__ = ["write_demo_report"]
 
@@ -21,7 +28,7 @@ ROUTING_PLOT = "routing.png"
 
 def write_demo_report(results: dict[str, Any], folder: Path) -> None:
     """Write ``results.json``, ``loss_curves.png``, ``routing.png`` and ``report.md`` into ``folder``."""
-    from .demo import REPORT_NAME, RESULTS_NAME
+    from star_hf.experiments.demo import REPORT_NAME, RESULTS_NAME
 
     (folder / RESULTS_NAME).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     plot_losses(results, folder / LOSS_PLOT)

@@ -147,7 +147,7 @@ class DemoConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value!r}.")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}.")
-        from .data import CORPORA
+        from star_hf.experiments.data import CORPORA
 
         for name in ("corpus", "shift_corpus"):
             corpus = getattr(self, name)
@@ -216,7 +216,12 @@ class DemoData:
 
 def _documents(config: DemoConfig) -> tuple[list[str], list[str], str]:
     """(train documents, held-out documents, where they came from)."""
-    from .data import load_dataset_documents, load_text_corpus, read_text_documents, split_documents
+    from star_hf.experiments.data import (
+        load_dataset_documents,
+        load_text_corpus,
+        read_text_documents,
+        split_documents,
+    )
 
     held_out: list[str] | None = None
     if config.dataset_dir is not None:
@@ -225,7 +230,7 @@ def _documents(config: DemoConfig) -> tuple[list[str], list[str], str]:
     elif config.train_file is not None:
         docs, source = read_text_documents(config.train_file), f"text file {config.train_file}"
     else:
-        docs, source = load_text_corpus(config.corpus, config.max_chars), f"star_hf.data corpus {config.corpus!r}"
+        docs, source = load_text_corpus(config.corpus, config.max_chars), f"star_hf.experiments.data corpus {config.corpus!r}"
     if config.eval_file is not None:
         held_out = read_text_documents(config.eval_file)
         source += f"; held out: text file {config.eval_file}"
@@ -241,14 +246,18 @@ def _batches(dataset, batch_size: int) -> list[dict[str, torch.Tensor]]:
 
 def load_data(config: DemoConfig, tokenizer: Any) -> DemoData:
     """Tokenise the training, held-out and shifted-domain text into ``seq_len`` blocks."""
-    from .data import load_text_corpus, make_lm_dataset, read_text_documents
+    from star_hf.experiments.data import (
+        load_text_corpus,
+        make_lm_dataset,
+        read_text_documents,
+    )
 
     train_docs, held_docs, source = _documents(config)
     if config.shift_file is not None:
         shift_docs, shift_source = read_text_documents(config.shift_file), f"text file {config.shift_file}"
     else:
         shift_docs = load_text_corpus(config.shift_corpus, config.max_chars // 4)
-        shift_source = f"star_hf.data corpus {config.shift_corpus!r}"
+        shift_source = f"star_hf.experiments.data corpus {config.shift_corpus!r}"
     train = make_lm_dataset(train_docs, tokenizer, config.seq_len)
     held = make_lm_dataset(held_docs, tokenizer, config.seq_len, max_sequences=config.eval_sequences)
     shift = make_lm_dataset(shift_docs, tokenizer, config.seq_len, max_sequences=config.eval_sequences)
@@ -276,10 +285,10 @@ def load_data(config: DemoConfig, tokenizer: Any) -> DemoData:
 
 # ---------------------------------------------------------------------------------------------- models
 def load_base_model(config: DemoConfig, tokenizer: Any) -> nn.Module:
-    """The stock causal LM of ``config.model_dir`` (see :func:`star_hf.experiments.load_checkpoint`)."""
+    """The stock causal LM of ``config.model_dir`` (see :func:`star_hf.experiments.runs.load_checkpoint`)."""
     from transformers import AutoConfig
 
-    from .experiments import load_checkpoint
+    from star_hf.experiments.runs import load_checkpoint
 
     if getattr(AutoConfig.from_pretrained(str(config.model_dir)), "is_encoder_decoder", False):
         raise ValueError(
@@ -290,7 +299,7 @@ def load_base_model(config: DemoConfig, tokenizer: Any) -> nn.Module:
 
 def build_base_model(config: DemoConfig, vocab_size: int) -> nn.Module:
     """A small Mixtral-style causal LM from the config flags (weights drawn under ``config.seed``)."""
-    from .experiments import tiny_moe
+    from star_hf.experiments.runs import tiny_moe
 
     return tiny_moe(
         "mixtral",
@@ -306,7 +315,7 @@ def build_base_model(config: DemoConfig, vocab_size: int) -> nn.Module:
 
 
 def _train(model: nn.Module, data: DemoData, config: DemoConfig, *, steps: int, lr: float, star: bool, label: str):
-    from .experiments import RoutingCurve, train_model
+    from star_hf.experiments.runs import RoutingCurve, train_model
 
     curve = RoutingCurve(data.eval_batches)
     record = train_model(
@@ -327,8 +336,10 @@ def _train(model: nn.Module, data: DemoData, config: DemoConfig, *, steps: int, 
 
 def upgrade(base: nn.Module, data: DemoData, config: DemoConfig) -> tuple[nn.Module, dict[str, Any]]:
     """A STAR copy of ``base`` (preserving init, calibrated bases) and how far its step-0 outputs moved."""
-    from . import StarConfig, calibrate, patch_model
-    from .experiments import logits_of
+    from star_hf.config import StarConfig
+    from star_hf.experiments.runs import logits_of
+    from star_hf.patching.patcher import patch_model
+    from star_hf.training.calibration import calibrate
 
     reference = logits_of(base, data.eval_batches[0])
     star = patch_model(copy.deepcopy(base), StarConfig(init="preserve", gha_lr=config.gha_lr, seed=config.seed))
@@ -347,15 +358,15 @@ def upgrade(base: nn.Module, data: DemoData, config: DemoConfig) -> tuple[nn.Mod
 
 # ---------------------------------------------------------------------------------------------- adaptation
 def _evaluate(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]):
-    from .evaluation import evaluate_causal_lm
+    from star_hf.experiments.evaluation import evaluate_causal_lm
 
     device = next(model.parameters()).device
     return evaluate_causal_lm(model, [{k: v.to(device) for k, v in b.items()} for b in batches])
 
 
 def _row(domain: str, model: str, adaptation: str, ev, reference=None, basis_shift: float | None = None) -> dict:
-    from .evaluation import routing_fluctuation
-    from .metrics import load_statistics
+    from star_hf.experiments.evaluation import routing_fluctuation
+    from star_hf.training.metrics import load_statistics
 
     row = {
         "domain": domain,
@@ -374,7 +385,8 @@ def _row(domain: str, model: str, adaptation: str, ev, reference=None, basis_shi
 
 def _adapted(star: nn.Module, batches, lr: float):
     """Evaluation of ``batches`` as one test-time-adaptation episode, and the mean ‖B − B₀‖_F it caused."""
-    from . import find_star_routers, test_time_adaptation
+    from star_hf.adaptation import test_time_adaptation
+    from star_hf.patching.patcher import find_star_routers
 
     routers = find_star_routers(star)
     before = {p: r.star_basis.detach().clone() for p, r in routers.items()}
@@ -415,7 +427,7 @@ def file_sizes(folder: Path, names: Sequence[str]) -> dict[str, int]:
 def _environment(config: DemoConfig) -> dict[str, Any]:
     import transformers
 
-    from . import __version__
+    from star_hf._version import __version__
 
     return {
         "star_hf": __version__,
@@ -429,7 +441,7 @@ def _environment(config: DemoConfig) -> dict[str, Any]:
 
 
 def _model_summary(model: nn.Module) -> dict[str, Any]:
-    from . import find_star_routers
+    from star_hf.patching.patcher import find_star_routers
 
     cfg = model.config
     return {
@@ -473,11 +485,11 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     """Run every stage and write the report folder ``config.output_dir``; return the results."""
     from transformers.utils import logging as hf_logging
 
-    from .data import load_tokenizer
-    from .demo_report import write_demo_report
-    from .experiments import export_star_model
-    from .io import atomic_directory
-    from .metrics import routing_report
+    from star_hf.experiments.data import load_tokenizer
+    from star_hf.experiments.report import write_demo_report
+    from star_hf.experiments.runs import export_star_model
+    from star_hf.persistence.io import atomic_directory
+    from star_hf.training.metrics import routing_report
 
     config.validate()
     # One thread is the fastest for the small built-in model (and by far on a busy machine, where

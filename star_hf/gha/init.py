@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .gha import row_normalise
+from star_hf.gha.sanger import row_normalise
 
 __all__ = [
     "StarTensors",

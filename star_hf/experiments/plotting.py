@@ -84,7 +84,7 @@ def draw_interpolation_bars(ax: Any, interpolations: Sequence[Sequence[float]], 
 
 def plot_routing(report: Any, path: str | os.PathLike) -> Path:
     """Expert-load heat map (when the report has loads) and interpolation bars of a
-    :class:`star_hf.metrics.RoutingReport`."""
+    :class:`star_hf.training.metrics.RoutingReport`."""
     plt = pyplot()
     layers = report.layers
     labels = [layer_label(r.path) for r in layers]

@@ -23,13 +23,19 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from star_hf.paths import find_hf_model
+
 __all__ = ["CheckpointLayoutHook", "attach_checkpoint_layout_hook", "detach_checkpoint_layout_hook", "to_model_layout"]
 
 
 def _conversions(model: nn.Module) -> tuple[list, list]:
     """The (renamings, converters) Transformers applies when loading a checkpoint of ``model``."""
     from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import PrefixChange, WeightConverter, WeightRenaming
+    from transformers.core_model_loading import (
+        PrefixChange,
+        WeightConverter,
+        WeightRenaming,
+    )
 
     transforms = getattr(model, "_weight_conversions", None)
     if transforms is None:
@@ -141,9 +147,7 @@ class CheckpointLayoutHook:
 
 def attach_checkpoint_layout_hook(model: nn.Module) -> None:
     """Install the conversion hook on the outermost Transformers model inside ``model`` (idempotent)."""
-    from transformers import PreTrainedModel
-
-    target = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    target = find_hf_model(model)
     if target is None or _hook_keys(target):
         return
     target.register_load_state_dict_pre_hook(CheckpointLayoutHook())

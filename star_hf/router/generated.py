@@ -14,9 +14,9 @@ from typing import Any
 
 import torch.nn as nn
 
-from .architectures import LOGITS_FP32_MODES
+from star_hf.patching.architectures import LOGITS_FP32_MODES
 
-# class-name prefix -> name of the mixin in star_hf.router placed in front of the base class
+# class-name prefix -> name of the mixin in star_hf.router.star_router placed in front of the base class
 _MIXINS = {"StarRouter__": "StarRouterMixin", "StarGateHost__": "StarGateHostMixin"}
 _cache: dict[tuple[str, type], type] = {}
 
@@ -50,8 +50,9 @@ def _multiplies_through_linear_forward(base: type) -> bool:
 def _generate(prefix: str, base: type) -> type:
     cls = _cache.get((prefix, base))
     if cls is None:
-        from . import router
+        from star_hf.router import star_router as router
 
+        router.count_optimizer_steps()
         name = f"{prefix}{_escape(base.__module__)}__{_escape(base.__qualname__)}"
         mixin = getattr(router, _MIXINS[prefix])
         namespace = {"__module__": __name__, "__qualname__": name, "_star_base_class": base}

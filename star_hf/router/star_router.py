@@ -15,18 +15,25 @@ Gradients reach W, b, M and α through W_eff; B is a float32 buffer learned by G
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .config import StarConfig
-from .gha import GHAStatistics, guarded_sanger_step_, guarded_update_, sanger_update
-from .masking import current_token_weight, current_token_weights
+from star_hf.gha.distributed import all_reduce_statistics
+from star_hf.gha.sanger import (
+    GHAStatistics,
+    guarded_sanger_step_,
+    guarded_update_,
+    sanger_update,
+)
+from star_hf.router.masking import current_token_weight, current_token_weights
 
-__all__ = ["StarRouterMixin", "is_star_router"]
+__all__ = ["StarRouterMixin", "is_star_router", "pending_statistics_limit", "register_pending_statistics_listener"]
 
 STAR_PARAMETER_NAMES = ("star_linear_weight", "star_linear_bias", "star_mixing", "star_alpha")
 STAR_BUFFER_NAMES = ("star_basis",)
@@ -42,12 +49,23 @@ _SKIP_FLAGS_PER_SUM = 64
 _optimizer_steps = 0
 
 
+_optimizer_hook = None
+
+
 def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
     global _optimizer_steps
     _optimizer_steps += 1
 
 
-register_optimizer_step_post_hook(_count_optimizer_step)
+def count_optimizer_steps() -> None:
+    """Register the process-wide optimizer post-step hook behind the eval cache (once).
+
+    Called when the first STAR router class is created, not at import: importing star_hf leaves
+    torch's optimizers as they were.
+    """
+    global _optimizer_hook
+    if _optimizer_hook is None:
+        _optimizer_hook = register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 def warn_nonfinite_once(where: str) -> None:
@@ -62,6 +80,23 @@ def warn_nonfinite_once(where: str) -> None:
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+# Asked when a router's statistics outlive one optimizer step's worth of training forwards, a sign
+# that nothing calls gha_step. Integrations that know what a step is (the Trainer callback) register
+# here; each returns after how many pending forwards to ask again (math.inf: stop asking). The
+# routers themselves know nothing of training frameworks.
+_pending_listeners: list[Callable[[nn.Module], float]] = []
+
+
+def register_pending_statistics_listener(listener: Callable[[nn.Module], float]) -> None:
+    if listener not in _pending_listeners:
+        _pending_listeners.append(listener)
+
+
+def pending_statistics_limit(router: nn.Module) -> float:
+    """The next pending-forward count at which ``router`` should ask the listeners again."""
+    return min((listener(router) for listener in list(_pending_listeners)), default=math.inf)
 
 
 @torch.compiler.disable
@@ -138,7 +173,7 @@ class StarRouterMixin:
     # True when the router subclasses nn.Linear and its own forward may change its input before
     # nn.Linear.forward multiplies it (PhiMoE's input jitter): StarLinearInput observes it there.
     _star_observes_linear_input: bool = False
-    # How logits_fp32 reaches this router (see star_hf.architectures.LOGITS_FP32_MODES): "input" runs
+    # How logits_fp32 reaches this router (see star_hf.patching.architectures.LOGITS_FP32_MODES): "input" runs
     # it on a float32 copy of its input; "native" leaves the input alone (the router upcasts it
     # itself); "outputs" also returns its outputs in the input's dtype, for MoE code that needs that.
     _star_logits_fp32_mode: str = "input"
@@ -276,8 +311,6 @@ class StarRouterMixin:
         with torch.no_grad(), _no_autocast(basis.device):
             stats = GHAStatistics.from_inputs(x, basis, self._star_token_weight(x))
             if self.star_config.update == "forward":
-                from .step import all_reduce_statistics
-
                 all_reduce_statistics([stats])
                 self._star_guarded_update(stats, self.star_config.gha_lr)
             elif self.__dict__.get("_star_stats") is None:
@@ -288,8 +321,6 @@ class StarRouterMixin:
                 self._star_pending_forwards += 1
                 if self._star_pending_forwards > self.__dict__.get("_star_pending_limit", 1):
                     # More forwards than one optimizer step has: maybe nothing calls gha_step.
-                    from .step import pending_statistics_limit
-
                     self._star_pending_limit = pending_statistics_limit(self)
 
     def _star_adapt(self, x: torch.Tensor) -> None:

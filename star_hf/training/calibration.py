@@ -4,7 +4,7 @@ GHA converges to the top-R eigenvectors of the uncentred second moment C = E[x x
 inputs. :func:`calibrate` runs the model on a few batches (eval mode, no gradient), accumulates C for
 every STAR router — padding excluded through the same attention-mask hooks the GHA statistics use —
 and sets B to those eigenvectors directly, ordered by eigenvalue, instead of a random start. With
-``preserve=True`` it then recomputes W (and b) with :func:`star_hf.init.preserving_linear`, so the
+``preserve=True`` it then recomputes W (and b) with :func:`star_hf.gha.init.preserving_linear`, so the
 router logits, and hence the model's outputs, are unchanged.
 """
 
@@ -19,10 +19,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .init import preserving_linear
-from .patcher import NoRouterError, find_star_routers
-from .router import StarGateHostMixin, StarRouterMixin, _first_input
-from .step import _distributed
+from star_hf.errors import NotPatchedError
+from star_hf.gha.distributed import is_distributed
+from star_hf.gha.init import preserving_linear
+from star_hf.patching.patcher import find_star_routers
+from star_hf.router.star_router import StarGateHostMixin, StarRouterMixin, _first_input
 
 __all__ = ["calibrate", "principal_basis"]
 
@@ -105,7 +106,7 @@ def _model_inputs(model: nn.Module, batch: Any, accepted: set[str]) -> dict[str,
 
 def _check(routers: dict[str, StarRouterMixin], preserve: bool) -> None:
     if not routers:
-        raise NoRouterError("the model has no STAR routers to calibrate; call star_hf.patch_model(model, ...) first.")
+        raise NotPatchedError("the model has no STAR routers to calibrate; call star_hf.patch_model(model, ...) first.")
     adapting = [p for p, r in routers.items() if r.__dict__.get("_star_adaptation") is not None]
     if adapting:
         raise RuntimeError(f"test-time adaptation is enabled on {adapting}; disable it before calibrating.")
@@ -173,7 +174,7 @@ def calibrate(
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    if _distributed():
+    if is_distributed():
         for moment in moments.values():
             dist.all_reduce(moment.sum)
             dist.all_reduce(moment.count)

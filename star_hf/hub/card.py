@@ -54,7 +54,7 @@ class CardFacts:
 
 def find_template(name: str = TEMPLATE_NAME) -> Path:
     """Path of a card template: ``star_hf/model_cards/`` of a wheel, else ``model_cards/`` of the source tree."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]  # star_hf/
     for folder in (package / "model_cards", package.parent / "model_cards"):
         if (folder / name).is_file():
             return folder / name
@@ -102,7 +102,8 @@ def card_facts_from_model(
     model: nn.Module, *, base_model: str | None = None, metrics_table: str | None = None
 ) -> CardFacts:
     """Gather the card's facts from a patched (not yet folded) model, or a PEFT / DDP wrapper of one."""
-    from .adapter import canonical_routers, hf_root
+    from star_hf.paths import hf_root
+    from star_hf.persistence.adapter import canonical_routers
 
     routers = canonical_routers(model)  # paths relative to the Transformers model
     if not routers:
@@ -137,19 +138,23 @@ def card_facts_from_model(
 
 
 def _read_adapter_folder(folder: str | os.PathLike):
-    from .adapter import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, _read_adapter
+    from star_hf.persistence.adapter import (
+        ADAPTER_CONFIG_NAME,
+        ADAPTER_WEIGHTS_NAME,
+        _read_adapter,
+    )
 
     folder = Path(folder)
     return _read_adapter(folder / ADAPTER_CONFIG_NAME, folder / ADAPTER_WEIGHTS_NAME)
 
 
 def adapter_routing_report(folder: str | os.PathLike):
-    """(STAR config dict, :class:`star_hf.metrics.RoutingReport`) of an adapter folder, from its tensors alone.
+    """(STAR config dict, :class:`star_hf.training.metrics.RoutingReport`) of an adapter folder, from its tensors alone.
 
     Without the base model nothing can run, so the load columns are empty; s and the basis
     orthonormality come from the saved α and B.
     """
-    from .metrics import LayerReport, RoutingReport
+    from star_hf.training.metrics import LayerReport, RoutingReport
 
     _, star_config, grouped = _read_adapter_folder(folder)
     # Skipped updates are not persisted: a checkpoint loaded by from_pretrained reports 0 too.
@@ -236,7 +241,7 @@ def render_model_card(
     import transformers
     from huggingface_hub import ModelCard, ModelCardData
 
-    from . import __version__
+    from star_hf._version import __version__
 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}.")

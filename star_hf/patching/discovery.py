@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from .architectures import VERIFIED_ROUTERS
+from star_hf.patching.architectures import VERIFIED_ROUTERS
 
 __all__ = ["RouterSite", "UnsupportedRouter", "scan_routers"]
 

@@ -8,41 +8,16 @@ one process would compute on the global batch.
 
 from __future__ import annotations
 
-import math
 import warnings
 import weakref
-from collections import defaultdict
-from typing import Callable
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
-from .gha import GHAStatistics
+from star_hf.gha.distributed import all_reduce_statistics, by_device
+from star_hf.gha.sanger import GHAStatistics
 
-__all__ = [
-    "all_reduce_statistics",
-    "gha_step",
-    "pending_statistics_limit",
-    "register_pending_statistics_listener",
-]
-
-
-# Asked when a router's statistics outlive one optimizer step's worth of training forwards, a sign
-# that nothing calls gha_step. Integrations that know what a step is (the Trainer callback) register
-# here; each returns after how many pending forwards to ask again (math.inf: stop asking). The
-# routers themselves know nothing of training frameworks.
-_pending_listeners: list[Callable[[nn.Module], float]] = []
-
-
-def register_pending_statistics_listener(listener: Callable[[nn.Module], float]) -> None:
-    if listener not in _pending_listeners:
-        _pending_listeners.append(listener)
-
-
-def pending_statistics_limit(router: nn.Module) -> float:
-    """The next pending-forward count at which ``router`` should ask the listeners again."""
-    return min((listener(router) for listener in list(_pending_listeners)), default=math.inf)
+__all__ = ["gha_step"]
 
 
 # Routers already warned about by ``gha_step`` for having collected nothing: the warning is said once.
@@ -75,36 +50,10 @@ def _warn_if_idle(routers: list[nn.Module]) -> None:
     )
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _by_device(stats: list[GHAStatistics]) -> dict[torch.device, list[int]]:
-    groups: dict[torch.device, list[int]] = defaultdict(list)
-    for i, s in enumerate(stats):
-        groups[s.yx.device].append(i)
-    return groups
-
-
-def all_reduce_statistics(stats: list[GHAStatistics]) -> None:
-    """Sum ``stats`` over all ranks in place (no-op outside ``torch.distributed``)."""
-    if not stats or not _distributed():
-        return
-    for indices in _by_device(stats).values():
-        group = [stats[i] for i in indices]
-        flat = torch.cat([s.flat() for s in group])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        offset = 0
-        for s in group:
-            n = s.yx.numel() + s.yy.numel() + 1
-            s.copy_from_flat_(flat[offset : offset + n])
-            offset += n
-
-
 def _host_summary(stats: list[GHAStatistics]) -> list[tuple[bool, float]]:
     """(finite, token count) of every entry, with one host-device sync per device."""
     out: list[tuple[bool, float]] = [(True, 0.0)] * len(stats)
-    for indices in _by_device(stats).values():
+    for indices in by_device(stats).values():
         table = torch.stack(
             [torch.stack([stats[i].is_finite().to(torch.float32), stats[i].count]) for i in indices]
         ).tolist()
@@ -123,7 +72,7 @@ def gha_step(model: nn.Module, lr: float | None = None) -> int:
     Returns:
         The number of routers whose basis was updated.
     """
-    from .patcher import find_star_routers
+    from star_hf.patching.patcher import find_star_routers
 
     routers = list(find_star_routers(model).values())
     _warn_if_idle(routers)

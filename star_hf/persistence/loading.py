@@ -25,7 +25,9 @@ from typing import Any
 
 import torch.nn as nn
 
-from .adapter import (
+from star_hf.config import StarConfig
+from star_hf.patching.patcher import patch_model
+from star_hf.persistence.adapter import (
     ADAPTER_CONFIG_NAME,
     STAR_TENSOR_NAMES,
     canonical_routers,
@@ -34,9 +36,7 @@ from .adapter import (
     router_shapes,
     tensor_problems,
 )
-from .config import StarConfig
-from .io import CorruptFileError, atomic_directory, read_json
-from .patcher import patch_model
+from star_hf.persistence.io import CorruptFileError, atomic_directory, read_json
 
 __all__ = ["from_pretrained", "save_pretrained"]
 
@@ -196,7 +196,11 @@ def _read_star_tensors(files: list[str]) -> dict[str, Any]:
 def _to_model_keys(model: nn.Module, checkpoint_keys: list[str]) -> dict[str, str]:
     """Checkpoint key → module key, by the same renamings Transformers applied when it loaded ``model``."""
     try:
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            rename_source_key,
+        )
     except ImportError:  # a Transformers without weight conversions: keys are stored as named
         return {k: k for k in checkpoint_keys}
     conversions = getattr(model, "_weight_conversions", None) or []

@@ -6,7 +6,7 @@ and ``VERIFIED_PEFT`` name that range; a newer release still imports and patches
 naming the range. ``UPSTREAM_FAILURES`` lists model classes whose *stock, unpatched* forward fails in
 some Transformers releases: on those, patching is refused with the upstream error named.
 
-The patcher itself is generic (see :mod:`star_hf.discovery`); ``VERIFIED_ROUTERS`` records the router
+The patcher itself is generic (see :mod:`star_hf.patching.discovery`); ``VERIFIED_ROUTERS`` records the router
 classes of Transformers that have a case in ``tests/test_architectures.py``, a tiny model built
 from their config: outputs, recorded router logits and aux / z losses unchanged and no other weight
 touched, gradients reaching the STAR parameters, statistics collected on exactly the input each gate

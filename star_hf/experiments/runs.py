@@ -84,7 +84,7 @@ def tiny_moe_config(
     (``output_router_logits=True``); causal LMs have untied embeddings. Switch Transformers (top-1
     routing, ``top_k`` ignored) gets ``num_layers`` encoder and decoder layers, every second one
     sparse, no dropout, and an expert capacity of twice the even share of ``max_positions`` tokens
-    per sequence; pad / eos / decoder start follow :class:`star_hf.data.ByteTokenizer` (0 / 2 / 0).
+    per sequence; pad / eos / decoder start follow :class:`star_hf.experiments.data.ByteTokenizer` (0 / 2 / 0).
     Raises ``ValueError`` for sizes the architecture cannot build.
     """
     import transformers
@@ -200,9 +200,9 @@ def pretrain_tiny_moe(
     progress: str | None = "pretrain",
     **sizes: Any,
 ) -> nn.Module:
-    """A small MoE causal LM (:func:`tiny_moe`) pretrained briefly on a :mod:`star_hf.data` corpus with
+    """A small MoE causal LM (:func:`tiny_moe`) pretrained briefly on a :mod:`star_hf.experiments.data` corpus with
     its stock routers: the stand-in for a pretrained checkpoint when the recipes run offline."""
-    from .data import load_text_corpus, make_lm_dataset
+    from star_hf.experiments.data import load_text_corpus, make_lm_dataset
 
     model = tiny_moe(model_type, len(tokenizer), seed=seed, max_positions=max(seq_len, 64), **sizes)
     if steps:
@@ -221,10 +221,15 @@ def lm_data(
     max_chars: int | None = None,
     train_file: str | os.PathLike | None = None,
 ) -> tuple[torch.utils.data.Dataset, list[dict[str, torch.Tensor]]]:
-    """(training blocks, held-out batches) of a text file's paragraphs or a :mod:`star_hf.data` corpus:
+    """(training blocks, held-out batches) of a text file's paragraphs or a :mod:`star_hf.experiments.data` corpus:
     5 % of the documents (a fixed seeded choice) are held out, of which ``eval_sequences`` blocks are
     batched by ``batch_size``."""
-    from .data import load_text_corpus, make_lm_dataset, read_text_documents, split_documents
+    from star_hf.experiments.data import (
+        load_text_corpus,
+        make_lm_dataset,
+        read_text_documents,
+        split_documents,
+    )
 
     docs = read_text_documents(train_file) if train_file is not None else load_text_corpus(corpus, max_chars)
     train_docs, eval_docs = split_documents(docs, eval_fraction=0.05, seed=0)
@@ -259,10 +264,14 @@ class RoutingCurve:
     def evaluate(self, model: nn.Module, step: int, input_moments: bool = False) -> dict[str, Any]:
         """Add and return the point of ``step``; ``input_moments`` adds each basis' alignment with
         the top-R principal subspace of its router's inputs on these batches (STAR models)."""
-        from .calibration import principal_basis
-        from .evaluation import evaluate_causal_lm, routing_fluctuation, subspace_alignment
-        from .metrics import load_statistics
-        from .patcher import find_star_routers
+        from star_hf.experiments.evaluation import (
+            evaluate_causal_lm,
+            routing_fluctuation,
+            subspace_alignment,
+        )
+        from star_hf.patching.patcher import find_star_routers
+        from star_hf.training.calibration import principal_basis
+        from star_hf.training.metrics import load_statistics
 
         device = _model_device(model)
         ev = evaluate_causal_lm(model, [_to_device(b, device) for b in self.batches], input_moments=input_moments)
@@ -386,9 +395,14 @@ def train_model(
         ``{"train_log": [{"step", "loss", "star/..."}...], "seconds": wall time of trainer.train()}``.
         Nothing is written to disk (checkpoints go to a temporary folder that is removed).
     """
-    from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
+    from transformers import (
+        PrinterCallback,
+        ProgressCallback,
+        Trainer,
+        TrainingArguments,
+    )
 
-    from .callback import StarCallback
+    from star_hf.training.callback import StarCallback
 
     if steps < 1 or batch_size < 1 or eval_every < 1 or grad_accum < 1:
         raise ValueError("steps, batch_size, eval_every and grad_accum must all be >= 1.")
@@ -461,7 +475,7 @@ def evaluate_seq2seq(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]
     Encoder routers count the tokens of ``attention_mask``, decoder routers the positions that have a
     label; the load is the top-1 expert of the router logits (before any capacity drop).
     """
-    from .evaluation import gate_modules, record_router_logits
+    from star_hf.experiments.evaluation import gate_modules, record_router_logits
 
     gates = gate_modules(model)
     if not gates:
@@ -524,8 +538,10 @@ def export_star_model(
     With a ``probe`` batch, both are reloaded from disk and compared with the model: returns the max
     |Δ logit| of the folded export and of the adapter loaded onto it (eval mode).
     """
-    from . import fold, load_adapter, save_adapter, save_pretrained
-    from .metrics import monitor_of
+    from star_hf.patching.patcher import fold
+    from star_hf.persistence.adapter import load_adapter, save_adapter
+    from star_hf.persistence.loading import save_pretrained
+    from star_hf.training.metrics import monitor_of
 
     folder = Path(folder)
     final = Path(os.path.realpath(final if final is not None else folder))

@@ -19,46 +19,37 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .config import StarConfig
-from .discovery import scan_routers
-from .io import CorruptFileError, atomic_directory, read_json, read_safetensors, write_json
-from .patcher import NoRouterError, find_star_routers, patch_model
-from .router import STAR_BUFFER_NAMES, STAR_PARAMETER_NAMES, StarRouterMixin
+from star_hf.config import StarConfig
+from star_hf.errors import AdapterMismatchError, NotPatchedError
+from star_hf.patching.discovery import scan_routers
+from star_hf.patching.patcher import find_star_routers, patch_model
+from star_hf.paths import canonical_path, hf_root
+from star_hf.persistence.io import (
+    CorruptFileError,
+    atomic_directory,
+    read_json,
+    read_safetensors,
+    write_json,
+)
+from star_hf.router.star_router import (
+    STAR_BUFFER_NAMES,
+    STAR_PARAMETER_NAMES,
+    StarRouterMixin,
+)
 
-__all__ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "AdapterMismatchError", "load_adapter", "save_adapter"]
+__all__ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "load_adapter", "save_adapter"]
 
 ADAPTER_CONFIG_NAME = "star_config.json"
 ADAPTER_WEIGHTS_NAME = "star_adapter.safetensors"
-_FORMAT = "star_hf.adapter"
+_FORMAT = "star_hf.persistence.adapter"
 _FORMAT_VERSION = 1
 STAR_TENSOR_NAMES = STAR_PARAMETER_NAMES + STAR_BUFFER_NAMES
 # Config fields that only shape the initial tensors, which a load overwrites.
-_INIT_ONLY_FIELDS = ("init", "seed", "patched_modules")
+_INIT_ONLY_FIELDS = ("init", "seed")
 _ROUTER_FIELDS = ("num_experts", "hidden_size", "num_components")
 
 
-class AdapterMismatchError(ValueError):
-    """A STAR adapter does not fit the model it is loaded into (nothing was modified)."""
-
-
 # ------------------------------------------------------------------------------ paths and shapes
-def hf_root(model: nn.Module) -> tuple[str, nn.Module]:
-    """(path, module) of the outermost Transformers model inside ``model`` (itself, or under a wrapper)."""
-    from transformers import PreTrainedModel
-
-    for path, module in model.named_modules():
-        if isinstance(module, PreTrainedModel):
-            return path, module
-    raise TypeError(f"{type(model).__name__} is not (and does not wrap) a Transformers PreTrainedModel.")
-
-
-def canonical_path(path: str, root_prefix: str) -> str:
-    """A router path relative to the Transformers model, without PEFT's ``modules_to_save`` copy segment."""
-    if root_prefix:
-        path = path[len(root_prefix) + 1 :]
-    return re.sub(r"\.modules_to_save\.[^.]+", "", path)
-
-
 def canonical_routers(model: nn.Module) -> "OrderedDict[str, StarRouterMixin]":
     """Canonical path → STAR router (the copies the forward runs)."""
     prefix, _ = hf_root(model)
@@ -152,7 +143,7 @@ def _adapter_metadata(
     revision: str | None,
 ) -> dict[str, Any]:
     """The content of ``star_config.json``: format, STAR config, base model identity and routers."""
-    from . import __version__
+    from star_hf._version import __version__
 
     _, hf_model = hf_root(model)
     base = {
@@ -202,7 +193,7 @@ def save_adapter(
     """
     routers = canonical_routers(model)
     if not routers:
-        raise NoRouterError(f"{type(model).__name__} has no STAR routers to save (was it patched?).")
+        raise NotPatchedError(f"{type(model).__name__} has no STAR routers to save (was it patched?).")
     configs = {r.star_config.to_json_string(): r.star_config for r in routers.values()}
     if len(configs) > 1:
         raise ValueError("the STAR routers of this model carry different StarConfigs; an adapter holds one config.")

@@ -1,0 +1,1 @@
+"""Sharing on the Hugging Face Hub: model cards and uploads."""

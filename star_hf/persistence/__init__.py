@@ -1,0 +1,1 @@
+"""Persistence: safe file I/O, STAR adapters, and whole STAR checkpoints."""

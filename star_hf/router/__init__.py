@@ -1,0 +1,1 @@
+"""The STAR router: the mixin that turns a gate into W_eff, its generated classes, and padding masks."""

@@ -1,0 +1,1 @@
+"""Training: the per-step GHA update, the Trainer callback, calibration and routing metrics."""

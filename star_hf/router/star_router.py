@@ -25,6 +25,7 @@ import torch.nn as nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from star_hf.gha.distributed import all_reduce_statistics
+from star_hf.gha.effective import effective_factors, effective_weight, interpolation
 from star_hf.gha.sanger import (
     GHAStatistics,
     guarded_sanger_step_,
@@ -102,13 +103,6 @@ def pending_statistics_limit(router: nn.Module) -> float:
 @torch.compiler.disable
 def _observe_outside_graph(router: "StarRouterMixin", x: torch.Tensor) -> None:
     router._star_observe_eager(x)
-
-
-def interpolation(alpha: torch.Tensor, gha_only: bool) -> torch.Tensor:
-    """s = sigmoid(α) as float32 (zeros for GHA-only routing, which has no linear path)."""
-    if gha_only:
-        return torch.zeros_like(alpha, dtype=torch.float32)
-    return torch.sigmoid(alpha.detach().float())
 
 
 def is_star_router(module: nn.Module) -> bool:
@@ -235,11 +229,7 @@ class StarRouterMixin:
         """
         w, b = self.star_linear_weight, self.star_linear_bias
         with _no_autocast(w.device):
-            if self.star_config.gha_only:
-                return None, self.star_mixing.float(), b
-            s = torch.sigmoid(self.star_alpha.float())
-            b_eff = None if b is None else s * b.float()
-            return s[:, None] * w.float(), (1.0 - s)[:, None] * self.star_mixing.float(), b_eff
+            return effective_factors(w, b, self.star_mixing, self.star_alpha, self.star_config.gha_only)
 
     def _star_compute_effective(self, static: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         basis = _replicated_like(self.star_basis, self.star_mixing)
@@ -248,9 +238,10 @@ class StarRouterMixin:
             # possibly before this graph's backward (several forwards per step), so it gets a snapshot.
             # With per-step updates B only changes in gha_step, after the step's backward passes.
             basis = basis.clone()
-        scaled_w, scaled_m, b_eff = self._star_static_factors() if static is None else static
+        factors = self._star_static_factors() if static is None else static
+        b_eff = factors[2]
         with _no_autocast(basis.device):
-            w_eff = scaled_m @ basis if scaled_w is None else torch.addmm(scaled_w, scaled_m, basis)
+            w_eff = effective_weight(factors, basis)
             dtype = self._star_weight_dtype()
             if w_eff.dtype != dtype:  # a no-op .to() still costs a dispatch on the per-forward TTA path
                 w_eff = w_eff.to(dtype)

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from star_hf.errors import NotPatchedError
 from star_hf.gha.distributed import is_distributed
+from star_hf.gha.effective import effective_gate
 from star_hf.gha.init import preserving_linear
 from star_hf.patching.patcher import find_star_routers
 from star_hf.router.star_router import StarGateHostMixin, StarRouterMixin, _first_input
@@ -122,10 +123,8 @@ def _set_basis(router: StarRouterMixin, basis: torch.Tensor, preserve: bool) -> 
     with torch.no_grad():
         if preserve:
             w, m, alpha = router.star_linear_weight, router.star_mixing, router.star_alpha
-            s = torch.sigmoid(alpha.double())
-            w_eff = s[:, None] * w.double() + (1 - s)[:, None] * (m.double() @ router.star_basis.double())
             b = router.star_linear_bias
-            b_eff = None if b is None else s * b.double()
+            w_eff, b_eff = effective_gate(w, b, m, alpha, router.star_basis, gha_only=False, dtype=torch.float64)
             new_w, new_b = preserving_linear(w_eff, b_eff, m, alpha, basis)
             w.copy_(new_w)
             if b is not None:

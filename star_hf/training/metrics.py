@@ -26,9 +26,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from star_hf.gha.effective import interpolation
 from star_hf.patching.patcher import find_star_routers
 from star_hf.router.masking import current_token_weight
-from star_hf.router.star_router import StarRouterMixin, _first_input, interpolation
+from star_hf.router.star_router import StarRouterMixin, _first_input
 from star_hf.training.step import gha_step
 
 __all__ = ["LayerReport", "RoutingMonitor", "RoutingReport", "routing_report"]

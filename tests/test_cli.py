@@ -179,7 +179,8 @@ def _router_inputs(model, batches) -> torch.Tensor:
 
 
 def test_upgrade_calibrates_on_text_with_the_checkpoint_tokenizer(tmp_path, capsys, ckpts):
-    from star_hf.cli._util import load_tokenizer, text_batches
+    from star_hf.cli._util import text_batches
+    from star_hf.persistence.text import load_tokenizer
 
     original = _plain(ckpts["mixtral"])
     rc, out, err = _run(
@@ -202,7 +203,7 @@ def test_upgrade_calibrates_on_text_with_the_checkpoint_tokenizer(tmp_path, caps
     torch.testing.assert_close(_logits(star), _logits(original), rtol=0, atol=1e-5)
     # Independent check: the basis spans the top principal directions of the router's inputs.
     batches = text_batches(
-        ckpts["text"], load_tokenizer(ckpts["mixtral"]), vocab_size=128, num_batches=2, batch_size=2, seq_len=32
+        ckpts["text"], load_tokenizer(ckpts["mixtral"], fallback="none"), vocab_size=128, num_batches=2, batch_size=2, seq_len=32
     )
     x = _router_inputs(original, batches)
     eigvals, eigvecs = torch.linalg.eigh(x.t() @ x / len(x))

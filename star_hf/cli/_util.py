@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import re
 import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-from star_hf.persistence.io import read_json
 
 __all__ = [
     "DTYPES",
@@ -26,13 +23,11 @@ __all__ = [
     "cli_command",
     "command_parser",
     "is_adapter_folder",
-    "load_tokenizer",
     "text_batches",
     "torch_dtype",
 ]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
 class CliError(Exception):
@@ -83,6 +78,8 @@ def check_model_dir(path: str, what: str = "checkpoint") -> Path:
         raise CliError(f"{what} folder {folder} does not exist.")
     if not folder.is_dir():
         raise CliError(f"{folder} is not a folder; expected a {what} folder (config.json + *.safetensors).")
+    from star_hf.persistence.io import read_json
+
     config = folder / "config.json"
     if not config.is_file():
         raise CliError(
@@ -141,26 +138,6 @@ def torch_dtype(name: str | None):
     return getattr(torch, name)
 
 
-def load_tokenizer(folder: Path):
-    """The checkpoint's tokenizer when the folder has one, else ``None``."""
-    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
-        return None
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(folder))
-    except (OSError, ValueError) as err:
-        raise CliError(f"cannot load the tokenizer in {folder}: {err}") from None
-
-
-def _read_text(path: Path, max_chars: int) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            return handle.read(max_chars)
-    except OSError as err:
-        raise CliError(f"cannot read the text file {path}: {err}") from None
-
-
 def text_batches(
     path: str,
     tokenizer: Any,
@@ -173,20 +150,15 @@ def text_batches(
     """Up to ``num_batches`` batches of ``batch_size`` × ``seq_len`` tokens cut from a text file.
 
     ``tokenizer``: the checkpoint's tokenizer, or ``None`` for star_hf's byte tokenizer. Paragraphs
-    are the documents of :func:`star_hf.experiments.data.make_lm_dataset` (each wrapped in bos/eos).
+    are the documents of :func:`star_hf.persistence.text.make_lm_dataset` (each wrapped in bos/eos).
     """
     import torch
 
-    from star_hf.experiments.data import ByteTokenizer, make_lm_dataset
+    from star_hf.persistence.text import ByteTokenizer, make_lm_dataset, read_text_documents
 
     file = Path(path)
-    if not file.is_file():
-        raise CliError(f"text file {file} does not exist.")
     # A token is rarely longer than 16 characters: read only what the batches can use.
-    text = _read_text(file, max_chars=16 * num_batches * batch_size * seq_len)
-    documents = [d for d in re.split(r"\n\s*\n", text) if d.strip()]
-    if not documents:
-        raise CliError(f"text file {file} is empty.")
+    documents = read_text_documents(file, max_chars=16 * num_batches * batch_size * seq_len)
     tokenizer = ByteTokenizer() if tokenizer is None else tokenizer
     try:
         sequences = make_lm_dataset(documents, tokenizer, seq_len, max_sequences=num_batches * batch_size).sequences

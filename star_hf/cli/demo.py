@@ -23,7 +23,7 @@ and a folded export, and the report: OUTPUT_DIR/report.md, results.json, loss_cu
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
-    from star_hf.experiments.demo import DemoConfig
+    from star_hf.experiments.demo_config import DemoConfig
 
     d = DemoConfig()
     p = command_parser(
@@ -103,7 +103,7 @@ def config_from_args(args: argparse.Namespace):
     """The :class:`star_hf.experiments.demo.DemoConfig` of the parsed flags (``--smoke`` shrinks the unset ones)."""
     from dataclasses import fields
 
-    from star_hf.experiments.demo import DemoConfig
+    from star_hf.experiments.demo_config import DemoConfig
 
     values = {f.name: getattr(args, f.name) for f in fields(DemoConfig)}
     if not args.smoke:
@@ -115,7 +115,8 @@ def config_from_args(args: argparse.Namespace):
 
 @cli_command
 def run(args: argparse.Namespace) -> int:
-    from star_hf.experiments.demo import REPORT_NAME, run_demo
+    from star_hf.experiments.demo import run_demo
+    from star_hf.experiments.demo_config import REPORT_NAME
 
     results = run_demo(config_from_args(args))
     runs = results["finetune"]

@@ -12,7 +12,6 @@ from star_hf.cli._util import (
     check_safetensors,
     cli_command,
     command_parser,
-    load_tokenizer,
     torch_dtype,
 )
 
@@ -52,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from star_hf.patching.patcher import find_star_routers, fold
     from star_hf.persistence.io import atomic_directory
     from star_hf.persistence.loading import from_pretrained
+    from star_hf.persistence.text import load_tokenizer
 
     in_dir = check_model_dir(args.in_dir, "STAR checkpoint")
     out_dir = check_new_dir(args.out_dir, overwrite=args.overwrite, source=in_dir)
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
             f"{in_dir} is not a STAR checkpoint (its config.json has no star_config); there is nothing to fold."
         )
     check_safetensors(in_dir)
-    tokenizer = load_tokenizer(in_dir)
+    tokenizer = load_tokenizer(in_dir, fallback="none")
     model = from_pretrained(str(in_dir), dtype=torch_dtype(args.dtype))
     count = len(find_star_routers(model))
     fold(model)

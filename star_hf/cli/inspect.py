@@ -13,7 +13,6 @@ from star_hf.cli._util import (
     cli_command,
     command_parser,
     is_adapter_folder,
-    load_tokenizer,
     text_batches,
 )
 
@@ -110,6 +109,7 @@ def _print_report(star_config: dict, report) -> None:
 def run(args: argparse.Namespace) -> int:
     from star_hf.experiments.plotting import plot_routing
     from star_hf.hub.card import adapter_routing_report
+    from star_hf.persistence.text import load_tokenizer
 
     folder = Path(args.dir)
     if not folder.is_dir():
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
             config = model.config
             batches = text_batches(
                 args.data,
-                load_tokenizer(tokenizer_dir),
+                load_tokenizer(tokenizer_dir, fallback="none"),
                 vocab_size=config.get_text_config().vocab_size,
                 num_batches=args.batches,
                 batch_size=args.batch_size,

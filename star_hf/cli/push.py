@@ -13,7 +13,6 @@ from star_hf.cli._util import (
     cli_command,
     command_parser,
     is_adapter_folder,
-    load_tokenizer,
 )
 
 EPILOG = """examples:
@@ -57,6 +56,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from star_hf.hub.upload import check_repo_id, push_to_hub, stage_for_hub
     from star_hf.persistence.loading import from_pretrained
+    from star_hf.persistence.text import load_tokenizer
 
     folder = Path(args.dir)
     if not folder.is_dir():
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         check_model_dir(str(folder), "STAR checkpoint")
         check_safetensors(folder)
-        source, kind, tokenizer = from_pretrained(str(folder)), args.kind or "full", load_tokenizer(folder)
+        source, kind, tokenizer = from_pretrained(str(folder)), args.kind or "full", load_tokenizer(folder, fallback="none")
     card = {"license": args.license, "base_model": args.base_model, "tokenizer": tokenizer}
     if stage_dir is not None:
         stage_for_hub(source, stage_dir, kind, repo_id=args.repo_id, **card)

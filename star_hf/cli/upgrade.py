@@ -13,11 +13,9 @@ from star_hf.cli._util import (
     check_safetensors,
     cli_command,
     command_parser,
-    load_tokenizer,
     text_batches,
     torch_dtype,
 )
-from star_hf.persistence.io import read_json
 
 EPILOG = """examples:
   star-hf upgrade ./mixtral ./mixtral-star
@@ -82,6 +80,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
 def star_config_from_args(args: argparse.Namespace):
     """The StarConfig of --config, with the STAR flags that were given on top."""
     from star_hf.config import StarConfig
+    from star_hf.persistence.io import read_json
 
     values = read_json(Path(args.config), "--config file") if args.config else {}
     for field, flag in _STAR_FLAGS.items():
@@ -116,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
     from star_hf.patching.patcher import find_star_routers, patch_model
     from star_hf.persistence.io import atomic_directory
     from star_hf.persistence.loading import _model_class
+    from star_hf.persistence.text import load_tokenizer
     from star_hf.training.calibration import calibrate
 
     model_dir = check_model_dir(args.model_dir)
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     check_safetensors(model_dir)
     model_class = _model_class(config, None)
     _preflight(model_class, config, star_config, args.allow_unverified)
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir, fallback="none")
     batches = None
     if args.calibration_data:
         batches = text_batches(

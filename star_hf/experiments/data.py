@@ -17,12 +17,13 @@ import importlib.util
 import itertools
 import os
 import random
-import re
 import sysconfig
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+
+from star_hf.persistence.text import ByteTokenizer, LMDataset, load_tokenizer, make_lm_dataset, read_text_documents
 
 __all__ = [
     "CORPORA",
@@ -151,111 +152,7 @@ def split_documents(documents: Sequence[str], eval_fraction: float = 0.05, seed:
     return [d for i, d in enumerate(documents) if i not in held], [documents[i] for i in sorted(held)]
 
 
-class ByteTokenizer:
-    """UTF-8 bytes as tokens: ids 3–258 are the bytes 0–255; 0 = pad, 1 = bos, 2 = eos.
-
-    ``vocab_size`` (259) is the size the model's embedding needs. ``__call__`` follows the
-    Transformers tokenizer convention (``{"input_ids": ..., "attention_mask": ...}``).
-    """
-
-    pad_token_id = 0
-    bos_token_id = 1
-    eos_token_id = 2
-    offset = 3
-    vocab_size = 259
-
-    def __len__(self) -> int:
-        return self.vocab_size
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        ids = [b + self.offset for b in text.encode("utf-8")]
-        return [self.bos_token_id, *ids, self.eos_token_id] if add_special_tokens else ids
-
-    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
-        if isinstance(ids, torch.Tensor):
-            ids = ids.reshape(-1).tolist()
-        names = {self.pad_token_id: "<pad>", self.bos_token_id: "<s>", self.eos_token_id: "</s>"}
-        out, pending = [], bytearray()
-        for i in ids:
-            if i >= self.offset:
-                pending.append(i - self.offset)
-                continue
-            out.append(pending.decode("utf-8", errors="replace"))
-            pending = bytearray()
-            if not skip_special_tokens:
-                out.append(names.get(i, f"<{i}>"))
-        out.append(pending.decode("utf-8", errors="replace"))
-        return "".join(out)
-
-    def __call__(self, text: str | Sequence[str], add_special_tokens: bool = True) -> dict[str, list]:
-        if isinstance(text, str):
-            ids = self.encode(text, add_special_tokens)
-            return {"input_ids": ids, "attention_mask": [1] * len(ids)}
-        batch = [self.encode(t, add_special_tokens) for t in text]
-        return {"input_ids": batch, "attention_mask": [[1] * len(ids) for ids in batch]}
-
-
-class LMDataset(torch.utils.data.Dataset):
-    """Fixed-length causal-LM examples (``input_ids``, ``attention_mask``, ``labels``) from a token matrix."""
-
-    def __init__(self, sequences: torch.Tensor) -> None:
-        self.sequences = sequences
-
-    def __len__(self) -> int:
-        return self.sequences.shape[0]
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        ids = self.sequences[i]
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-
-
-def make_lm_dataset(
-    documents: Sequence[str], tokenizer, seq_len: int, max_sequences: int | None = None
-) -> LMDataset:
-    """Concatenate the documents (each wrapped in bos/eos) and cut the stream into ``seq_len`` blocks.
-
-    ``tokenizer`` is a :class:`ByteTokenizer` or any Transformers tokenizer; the last partial block
-    is dropped. Raises ``ValueError`` if the text does not fill one block.
-    """
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
-        raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}.")
-    stream: list[int] = []
-    limit = None if max_sequences is None else max_sequences * seq_len
-    for ids in tokenizer(list(documents), add_special_tokens=True)["input_ids"]:
-        stream.extend(ids)
-        if limit is not None and len(stream) >= limit:
-            break
-    n = len(stream) // seq_len if limit is None else min(len(stream) // seq_len, max_sequences)
-    if n == 0:
-        raise ValueError(f"the documents hold {len(stream)} tokens, fewer than one sequence of {seq_len}.")
-    return LMDataset(torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len))
-
-
 # ----------------------------------------------------------------------------------------- user text
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
-
-
-def load_tokenizer(model_dir: str | os.PathLike | None = None):
-    """The tokenizer saved in a checkpoint folder, or a :class:`ByteTokenizer` when it has none (or no folder)."""
-    if model_dir is not None and any((Path(model_dir) / name).is_file() for name in _TOKENIZER_FILES):
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(model_dir))
-    return ByteTokenizer()
-
-
-def read_text_documents(path: str | os.PathLike) -> list[str]:
-    """The paragraphs (blocks separated by blank lines) of a UTF-8 text file, as documents."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"text file {path} does not exist.")
-    text = path.read_text(encoding="utf-8", errors="replace")
-    documents = [d.strip("\n") for d in re.split(r"\n\s*\n", text) if d.strip()]
-    if not documents:
-        raise ValueError(f"text file {path} holds no text.")
-    return documents
-
-
 def load_dataset_documents(path: str | os.PathLike, text_column: str = "text") -> tuple[list[str], list[str] | None]:
     """(training documents, held-out documents or ``None``) of a ``datasets`` dataset saved with ``save_to_disk``.
 

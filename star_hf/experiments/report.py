@@ -19,6 +19,7 @@ from star_hf.experiments.plotting import (
     pyplot,
     save_figure,
 )
+from star_hf.persistence.text import format_bytes
 
 __all__ = ["write_demo_report"]
 
@@ -28,7 +29,7 @@ ROUTING_PLOT = "routing.png"
 
 def write_demo_report(results: dict[str, Any], folder: Path) -> None:
     """Write ``results.json``, ``loss_curves.png``, ``routing.png`` and ``report.md`` into ``folder``."""
-    from star_hf.experiments.demo import REPORT_NAME, RESULTS_NAME
+    from star_hf.experiments.demo_config import REPORT_NAME, RESULTS_NAME
 
     (folder / RESULTS_NAME).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     plot_losses(results, folder / LOSS_PLOT)
@@ -98,14 +99,6 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def _f(value: float | None, spec: str = "{:.4f}") -> str:
     return "–" if value is None else spec.format(value)
-
-
-def _bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 def _fluctuation(points: Sequence[dict[str, Any]]) -> float | None:
@@ -374,7 +367,7 @@ def _section_files(results: dict[str, Any]) -> str:
             '`star_hf.load_adapter(folded, "star_adapter")`',
         ),
     }
-    rows = [[f"`{name}/`", _bytes(size), *what[name]] for name, size in sizes.items()]
+    rows = [[f"`{name}/`", format_bytes(size), *what[name]] for name, size in sizes.items()]
     rows += [
         [f"`{results_name}`", "", desc, ""]
         for results_name, desc in (

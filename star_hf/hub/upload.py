@@ -29,6 +29,7 @@ from star_hf.hub.card import (
     inherited_license,
     render_model_card,
 )
+from star_hf.persistence.text import format_bytes
 
 __all__ = ["push_to_hub", "stage_for_hub", "upload_staged_folder"]
 
@@ -76,15 +77,6 @@ def _metrics_table(source: nn.Module | str | os.PathLike, metrics: Any) -> str |
         f"metrics must be None (computed with star_hf.routing_report), False (no metrics section), a markdown "
         f"string or a report with to_markdown(); got {type(metrics).__name__}."
     )
-
-
-def _human_size(num_bytes: int) -> str:
-    size = float(num_bytes)
-    for unit in ("B", "kB", "MB"):
-        if size < 1000:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} GB"
 
 
 def _is_folder(source: Any) -> bool:
@@ -150,7 +142,7 @@ def _stage_into(
         kind,
         license=license,
         license_fields=None if license else inherited_license(facts.base_model, local_dir),
-        adapter_size=_human_size(sum(p.stat().st_size for p in folder.glob("*.safetensors")))
+        adapter_size=format_bytes(sum(p.stat().st_size for p in folder.glob("*.safetensors")))
         if kind == "adapter"
         else None,
     )

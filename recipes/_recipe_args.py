@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from star_hf.experiments.runs import SMOKE_SIZES
+
 __all__ = [
     "add_run_arguments",
     "add_small_model_arguments",
@@ -31,19 +33,8 @@ __all__ = [
     "trainer_options",
 ]
 
-# What --smoke sets, for the flags a recipe has: every stage runs, in seconds.
-SMOKE = {
-    "hidden_size": 16,
-    "layers": 2,
-    "experts": 4,
-    "pretrain_steps": 2,
-    "steps": 4,
-    "seq_len": 32,
-    "batch_size": 4,
-    "max_chars": 20_000,
-    "eval_sequences": 4,
-    "eval_every": 2,
-}
+# What --smoke sets, for the flags a recipe has: every stage runs, in seconds (the demo's --smoke too).
+SMOKE = SMOKE_SIZES
 
 
 def recipe_parser(doc: str) -> argparse.ArgumentParser:

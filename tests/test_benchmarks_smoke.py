@@ -8,6 +8,10 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # each runs a whole benchmark in its --smoke setting
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 

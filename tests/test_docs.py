@@ -135,7 +135,9 @@ def quickstart(tmp_path, monkeypatch) -> Setup:
 
     def check(ns):
         # The bases moved: the block trained with GHA on (a model left in eval mode would not).
-        initial = _bases(star_hf.patch_model(AutoModelForCausalLM.from_pretrained(ckpt), star_hf.StarConfig(gha_lr=5e-5)))
+        initial = _bases(
+            star_hf.patch_model(AutoModelForCausalLM.from_pretrained(ckpt), star_hf.StarConfig(gha_lr=5e-5))
+        )
         (trained,) = folded
         assert trained.keys() == initial.keys() and all(not torch.equal(trained[p], initial[p]) for p in initial)
         stock = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
@@ -206,7 +208,9 @@ def adapter(tmp_path, monkeypatch) -> Setup:
         assert loaded.keys() == star_hf.find_star_routers(model).keys()
         for path, router in star_hf.find_star_routers(model).items():
             assert torch.equal(loaded[path].star_basis, router.star_basis)
-            torch.testing.assert_close(loaded[path].star_mixing.float(), router.star_mixing.float(), rtol=1e-2, atol=1e-2)
+            torch.testing.assert_close(
+                loaded[path].star_mixing.float(), router.star_mixing.float(), rtol=1e-2, atol=1e-2
+            )
 
     names = {"model": model, "torch": torch, "AutoModelForCausalLM": AutoModelForCausalLM}
     return Setup(names, check, {"mistralai/Mixtral-8x7B-v0.1": str(tmp_path / "mixtral")})

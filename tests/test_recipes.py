@@ -29,6 +29,7 @@ def test_every_recipe_has_a_docstring_a_main_and_a_smoke_flag():
         assert callable(module.main) and "--smoke" in path.read_text(), path.name
 
 
+@pytest.mark.slow
 def test_upgrade_sft_mixtral_smoke(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -56,6 +57,7 @@ def test_sft_examples_take_the_loss_on_responses_only():
     assert prompt.endswith('"""')
 
 
+@pytest.mark.slow
 def test_qwen_moe_lora_smoke(tmp_path):
     summary = load("qwen_moe_lora").main(["--smoke", "--output-dir", str(tmp_path)])
     assert summary["step0_max_abs_logit_diff"] <= 1e-5
@@ -101,6 +103,7 @@ def test_switch_seq2seq_upgrades_a_checkpoint_with_calibration(tmp_path):
     assert summary["step0_max_abs_logit_diff"] <= 1e-5
 
 
+@pytest.mark.slow
 def test_pretrain_compare_smoke(tmp_path):
     payload = load("pretrain_compare").main(["--smoke", "--output-dir", str(tmp_path)])
     linear, star = payload["runs"]["linear"][0], payload["runs"]["star"][0]

@@ -131,6 +131,7 @@ def test_load_state_dict_of_a_saved_checkpoint_restores_everything(tmp_path, bui
     assert_same_state(trained, fresh)
 
 
+@pytest.mark.slow
 def test_sharded_checkpoint_with_expert_groups_split_across_shards(tmp_path):
     trained = _trained(tiny_mixtral)
     trained.save_pretrained(tmp_path, max_shard_size="40KB")
@@ -140,25 +141,3 @@ def test_sharded_checkpoint_with_expert_groups_split_across_shards(tmp_path):
     fresh = patch_model(tiny_mixtral(), StarConfig(seed=3))
     load_sharded_checkpoint(fresh, tmp_path, strict=False)  # what the Trainer's resume calls
     assert_same_state(trained, fresh)
-
-
-def test_to_model_layout_also_serves_unpatched_models(tmp_path):
-    model = tiny_mixtral()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.01)
-    model.save_pretrained(tmp_path)
-    fresh = tiny_mixtral()
-    converted = to_model_layout(fresh, load_file(tmp_path / "model.safetensors"))
-    result = fresh.load_state_dict(converted, strict=True)
-    assert not result.missing_keys and not result.unexpected_keys
-    assert_same_state(model, fresh)
-
-
-def test_model_layout_state_dicts_pass_through_unchanged():
-    model = patch_model(tiny_mixtral())
-    state = model.state_dict()
-    assert to_model_layout(model, state).keys() == state.keys()
-    other = patch_model(tiny_mixtral(), StarConfig(seed=5))
-    other.load_state_dict(state)
-    assert_same_state(model, other)

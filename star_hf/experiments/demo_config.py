@@ -60,21 +60,9 @@ class DemoConfig:
     @classmethod
     def smoke(cls, **overrides: Any) -> DemoConfig:
         """A configuration that runs every stage in seconds (CI)."""
-        small = {
-            "hidden_size": 16,
-            "layers": 2,
-            "experts": 4,
-            "heads": 2,
-            "max_chars": 20_000,
-            "seq_len": 32,
-            "eval_sequences": 4,
-            "pretrain_steps": 4,
-            "steps": 4,
-            "batch_size": 4,
-            "eval_every": 2,
-            "calibration_batches": 1,
-        }
-        return cls(**{**small, **overrides})
+        from star_hf.experiments.runs import SMOKE_SIZES
+
+        return cls(**{**SMOKE_SIZES, "heads": 2, "calibration_batches": 1, **overrides})
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the bad option; nothing has been read or written yet."""

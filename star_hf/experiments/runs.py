@@ -54,6 +54,20 @@ __all__ = [
 TINY_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "switch_transformers")
 
 
+# A model and a run small enough for every stage in seconds: the demo's and the recipes' --smoke.
+SMOKE_SIZES: dict[str, int] = {
+    "hidden_size": 16,
+    "layers": 2,
+    "experts": 4,
+    "pretrain_steps": 4,
+    "steps": 4,
+    "seq_len": 32,
+    "batch_size": 4,
+    "max_chars": 20_000,
+    "eval_sequences": 4,
+    "eval_every": 2,
+}
+
 def _check_sizes(**sizes: int) -> None:
     for name, value in sizes.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from packaging.version import Version
 
 __all__ = [
-    "LOGITS_FP32_MODES",
     "LOGITS_FP32_REFUSED",
     "UPSTREAM_FAILURES",
     "VERIFIED_PEFT",
@@ -161,15 +160,6 @@ VERIFIED_ROUTERS: dict[str, str] = {
 }
 
 
-# ``StarConfig(logits_fp32=True)`` in a bf16/fp16 model runs a router's forward on a float32 copy of
-# its input, so its score function and top-k see float32 logits; most MoE blocks then take the float32
-# routing weights that come out. These routers need something else (router class name -> mode):
-LOGITS_FP32_MODES: dict[str, str] = {
-    # Its scores scale the hidden states fed to bf16 experts: outputs go back to the input dtype.
-    "Llama4Router": "outputs",
-    # It upcasts to float32 itself and casts its weights to the input dtype: the input stays as is.
-    "InklingTopkRouter": "native",
-}
 # Routers whose logits go through code outside the router that cannot take float32 logits.
 LOGITS_FP32_REFUSED: dict[str, str] = {
     "DbrxRouter": (

@@ -14,7 +14,15 @@ from typing import Any
 
 import torch.nn as nn
 
-from star_hf.patching.architectures import LOGITS_FP32_MODES
+# ``StarConfig(logits_fp32=True)`` in a bf16/fp16 model runs a router's forward on a float32 copy of
+# its input, so its score function and top-k see float32 logits; most MoE blocks then take the float32
+# routing weights that come out. These routers need something else (router class name -> mode):
+LOGITS_FP32_MODES: dict[str, str] = {
+    # Its scores scale the hidden states fed to bf16 experts: outputs go back to the input dtype.
+    "Llama4Router": "outputs",
+    # It upcasts to float32 itself and casts its weights to the input dtype: the input stays as is.
+    "InklingTopkRouter": "native",
+}
 
 # class-name prefix -> name of the mixin in star_hf.router.star_router placed in front of the base class
 _MIXINS = {"StarRouter__": "StarRouterMixin", "StarGateHost__": "StarGateHostMixin"}

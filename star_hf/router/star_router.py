@@ -167,7 +167,7 @@ class StarRouterMixin:
     # True when the router subclasses nn.Linear and its own forward may change its input before
     # nn.Linear.forward multiplies it (PhiMoE's input jitter): StarLinearInput observes it there.
     _star_observes_linear_input: bool = False
-    # How logits_fp32 reaches this router (see star_hf.patching.architectures.LOGITS_FP32_MODES): "input" runs
+    # How logits_fp32 reaches this router (see star_hf.router.generated.LOGITS_FP32_MODES): "input" runs
     # it on a float32 copy of its input; "native" leaves the input alone (the router upcasts it
     # itself); "outputs" also returns its outputs in the input's dtype, for MoE code that needs that.
     _star_logits_fp32_mode: str = "input"

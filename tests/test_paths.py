@@ -7,7 +7,7 @@ import torch.nn as nn
 from peft import LoraConfig, get_peft_model
 
 from star_hf import patch_model
-from star_hf.paths import canonical_path, find_hf_model, hf_root, layer_index
+from star_hf.paths import canonical_path, check_repo_id, find_hf_model, hf_root, is_repo_id, layer_index
 
 from .conftest import tiny_mixtral
 
@@ -68,3 +68,29 @@ def test_the_paths_of_a_patched_peft_model_name_the_routers_of_the_base():
     routers = [p for p, _ in peft_model.named_modules() if p.endswith("modules_to_save.default")]
     assert [canonical_path(p, prefix) for p in routers] == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
     assert [layer_index(p) for p in routers] == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "text, repo",
+    [
+        ("mistralai/Mixtral-8x7B-v0.1", True),
+        ("gpt2", True),
+        ("me/my--model", False),
+        ("me/../etc", False),
+        ("./local/folder", False),
+        ("/abs/folder", False),
+        ("a/b/c", False),
+        ("", False),
+        (None, False),
+    ],
+)
+def test_is_repo_id(text, repo):
+    assert is_repo_id(text) is repo
+
+
+def test_an_existing_folder_is_never_a_repo_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "owner" / "name").mkdir(parents=True)
+    assert not is_repo_id("owner/name")
+    with pytest.raises(ValueError, match="invalid Hub repository id"):
+        check_repo_id("me/../x")

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch.nn as nn
 
+from star_hf.paths import is_repo_id
+
 __all__ = [
     "CardFacts",
     "adapter_routing_report",
@@ -86,18 +88,6 @@ def _router_class_name(model: nn.Module, path: str, router: nn.Module) -> str:
     return base.__name__
 
 
-def _looks_like_repo_id(name: str | None) -> bool:
-    if not name or os.path.exists(name) or name.startswith((".", "/", "~")):
-        return False
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
-
-
 def card_facts_from_model(
     model: nn.Module, *, base_model: str | None = None, metrics_table: str | None = None
 ) -> CardFacts:
@@ -122,7 +112,7 @@ def card_facts_from_model(
     ]
     classes = sorted({_router_class_name(hf_model, p, r) for p, r in routers.items()})
     star_config = next(iter(routers.values())).star_config.to_dict()
-    if base_model is None and _looks_like_repo_id(getattr(config, "_name_or_path", None)):
+    if base_model is None and is_repo_id(getattr(config, "_name_or_path", None)):
         base_model = config._name_or_path
     return CardFacts(
         architecture=type(hf_model).__name__,
@@ -183,7 +173,7 @@ def card_facts_from_adapter(
         {"path": path, **{k: info[k] for k in ("num_experts", "hidden_size", "num_components")}}
         for path, info in meta["routers"].items()
     ]
-    if base_model is None and _looks_like_repo_id(base.get("name_or_path")):
+    if base_model is None and is_repo_id(base.get("name_or_path")):
         base_model = base["name_or_path"]
     return CardFacts(
         architecture=architecture or f"{model_type} model",
@@ -209,7 +199,7 @@ def inherited_license(base_model: str | None, local_dir: str | os.PathLike | Non
     candidates: list[str] = []
     if local_dir is not None and (Path(local_dir) / "README.md").is_file():
         candidates.append(str(Path(local_dir) / "README.md"))
-    if base_model is not None and _looks_like_repo_id(base_model) and not constants.HF_HUB_OFFLINE:
+    if base_model is not None and is_repo_id(base_model) and not constants.HF_HUB_OFFLINE:
         candidates.append(base_model)
     for source in candidates:
         try:

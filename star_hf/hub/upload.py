@@ -29,6 +29,7 @@ from star_hf.hub.card import (
     inherited_license,
     render_model_card,
 )
+from star_hf.paths import check_repo_id
 from star_hf.persistence.text import format_bytes
 
 __all__ = ["push_to_hub", "stage_for_hub", "upload_staged_folder"]
@@ -37,15 +38,6 @@ __all__ = ["push_to_hub", "stage_for_hub", "upload_staged_folder"]
 def _check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}.")
-
-
-def check_repo_id(repo_id: str) -> None:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as err:
-        raise ValueError(f"invalid Hub repository id {repo_id!r}: {err}") from None
 
 
 def _hf_model(model: nn.Module, kind: str):

@@ -11,7 +11,6 @@ patches it and loads the tensors.
 from __future__ import annotations
 
 import os
-import re
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from star_hf.config import StarConfig
 from star_hf.errors import AdapterMismatchError, NotPatchedError
 from star_hf.patching.discovery import scan_routers
 from star_hf.patching.patcher import find_star_routers, patch_model
-from star_hf.paths import canonical_path, hf_root
+from star_hf.paths import canonical_path, hf_root, is_repo_id
 from star_hf.persistence.io import (
     CorruptFileError,
     atomic_directory,
@@ -212,10 +211,6 @@ def save_adapter(
 
 
 # ------------------------------------------------------------------------------------ loading
-def _looks_like_repo_id(text: str) -> bool:
-    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", text) is not None and ".." not in text
-
-
 def _adapter_files(dir_or_repo_id: str | os.PathLike, revision: str | None, hub_kwargs: dict) -> tuple[Path, Path]:
     """Local paths of the two adapter files: from a folder, or downloaded from a Hub repo."""
     local = Path(dir_or_repo_id)
@@ -223,7 +218,7 @@ def _adapter_files(dir_or_repo_id: str | os.PathLike, revision: str | None, hub_
         sub = hub_kwargs.get("subfolder") or ""
         return local / sub / ADAPTER_CONFIG_NAME, local / sub / ADAPTER_WEIGHTS_NAME
     text = str(dir_or_repo_id)
-    if local.exists() or not _looks_like_repo_id(text):
+    if local.exists() or not is_repo_id(text):
         raise FileNotFoundError(f"{text} is not a STAR adapter folder (nor a Hub repo id of the form 'owner/name').")
     import huggingface_hub
 
